@@ -1,0 +1,1 @@
+"""Engine-core side of the plugin (scheduling)."""

@@ -1,0 +1,175 @@
+"""Per-request denoising state machines: the official LLaDA and Dream steps.
+
+A denoiser holds one request's canvas (its generated region, ``max_tokens``
+positions, initially all [MASK]) and, given the canvas logits of a full forward
+pass, performs exactly one step of the reference algorithm
+(``shared/spec/dllm-models.md`` section 4). Steps that provably change nothing
+(a LLaDA step that transfers 0 tokens, a Dream step whose transfer count
+truncates to 0) are skipped without a forward pass; the output is unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_dare.model_executor.denoising.params import DREAM, LLADA, DenoisingParams
+
+
+class Denoiser:
+    def __init__(self, params: DenoisingParams, mask_token_id: int, device: torch.device):
+        self.params = params
+        self.mask_token_id = mask_token_id
+        self.gen_length = params.gen_length
+        self.canvas = torch.full(
+            (params.gen_length,), mask_token_id, dtype=torch.long, device=device
+        )
+        self.next_step = 0
+
+    def step(self, logits: torch.Tensor) -> bool:
+        """Apply one step given ``logits [gen_length, vocab]``; True when done."""
+        raise NotImplementedError
+
+
+def llada_transfer_counts(block_length: int, steps_per_block: int) -> list[int]:
+    """Tokens unmasked at each step of a block: M // S each, the first M % S one more."""
+    base, extra = divmod(block_length, steps_per_block)
+    return [base + (1 if j < extra else 0) for j in range(steps_per_block)]
+
+
+class LLaDADenoiser(Denoiser):
+    """Semi-autoregressive block denoising with low-confidence / random remasking."""
+
+    def __init__(self, params: DenoisingParams, mask_token_id: int, device: torch.device):
+        super().__init__(params, mask_token_id, device)
+        self.counts = llada_transfer_counts(params.block_length, params.steps_per_block)
+
+    def _count(self, step: int) -> int:
+        return self.counts[step % self.params.steps_per_block]
+
+    def step(self, logits: torch.Tensor) -> bool:
+        p = self.params
+        block = self.next_step // p.steps_per_block
+        k = self._count(self.next_step)
+        masked = self.canvas == self.mask_token_id
+        if p.temperature > 0:
+            # Gumbel-max in float64: argmax(exp(l) / (-log u) ** T).
+            l64 = logits.double()
+            u = torch.rand_like(l64)
+            tokens = (l64.exp() / (-torch.log(u)) ** p.temperature).argmax(dim=-1)
+        else:
+            tokens = logits.argmax(dim=-1)
+        if p.remasking == "low_confidence":
+            probs = torch.softmax(logits.double(), dim=-1)
+            confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
+        else:
+            confidence = torch.rand(self.gen_length, dtype=torch.float64, device=logits.device)
+        confidence[(block + 1) * p.block_length :] = float("-inf")
+        confidence = torch.where(masked, confidence, float("-inf"))
+        if k > 0:
+            chosen = torch.topk(confidence, k).indices
+            self.canvas[chosen] = tokens[chosen]
+        self.next_step += 1
+        while self.next_step < p.steps and self._count(self.next_step) == 0:
+            self.next_step += 1
+        return self.next_step >= p.steps
+
+
+def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    ordered, order = torch.sort(logits, dim=-1, descending=True)
+    cum = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
+    drop_sorted = cum > top_p
+    drop_sorted[..., 1:] = drop_sorted[..., :-1].clone()
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, torch.finfo(logits.dtype).min)
+
+
+def _filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    k = min(top_k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
+
+
+class DreamDenoiser(Denoiser):
+    """Dream's ``diffusion_generate``: origin / maskgit_plus / topk_margin / entropy."""
+
+    def __init__(self, params: DenoisingParams, mask_token_id: int, device: torch.device):
+        super().__init__(params, mask_token_id, device)
+        self.timesteps = torch.linspace(1, params.eps, params.steps + 1)
+
+    def _num_transfer(self, step: int, num_masked: int) -> int:
+        if step == self.params.steps - 1:
+            return num_masked
+        t, s = self.timesteps[step], self.timesteps[step + 1]
+        return int(torch.tensor(float(num_masked)) * (1 - s / t))
+
+    def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(confidence, token) per row, after temperature, top-p and top-k."""
+        p = self.params
+        logits = logits.float()
+        if p.temperature > 0:
+            logits = logits / p.temperature
+        if p.top_p is not None and p.top_p < 1:
+            logits = _filter_top_p(logits, p.top_p)
+        if p.top_k is not None:
+            logits = _filter_top_k(logits, p.top_k)
+        probs = torch.softmax(logits, dim=-1)
+        if p.temperature > 0:
+            tokens = torch.multinomial(probs, 1).squeeze(-1)
+            confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
+        else:
+            confidence, tokens = probs.max(dim=-1)
+        if p.alg == "topk_margin":
+            top2 = torch.topk(probs, 2, dim=-1).values
+            confidence = top2[:, 0] - top2[:, 1]
+        elif p.alg == "entropy":
+            confidence = (probs * torch.log(probs + 1e-10)).sum(dim=-1)
+        return confidence, tokens
+
+    def step(self, logits: torch.Tensor) -> bool:
+        p = self.params
+        i = self.next_step
+        masked = self.canvas == self.mask_token_id
+        positions = masked.nonzero().squeeze(-1)
+        num_masked = positions.numel()
+        masked_logits = logits[positions]
+        if p.alg == "origin":
+            if i < p.steps - 1:
+                reveal_prob = float(1 - self.timesteps[i + 1] / self.timesteps[i])
+            else:
+                reveal_prob = 1.0
+            reveal = torch.rand(num_masked, device=logits.device) < reveal_prob
+            if bool(reveal.any()):
+                _, tokens = self._sample(masked_logits[reveal])
+                self.canvas[positions[reveal]] = tokens
+        else:
+            confidence, tokens = self._sample(masked_logits)
+            k = self._num_transfer(i, num_masked)
+            if k > 0:
+                if p.alg_temp:
+                    weights = torch.softmax(confidence / p.alg_temp, dim=-1)
+                    chosen = torch.multinomial(weights, k, replacement=False)
+                else:
+                    chosen = torch.topk(confidence, k).indices
+                self.canvas[positions[chosen]] = tokens[chosen]
+        self.next_step += 1
+        remaining = int((self.canvas == self.mask_token_id).sum())
+        if remaining == 0:
+            return True
+        if p.alg != "origin":
+            while (
+                self.next_step < p.steps - 1
+                and self._num_transfer(self.next_step, remaining) == 0
+            ):
+                self.next_step += 1
+        return self.next_step >= p.steps
+
+
+def make_denoiser(
+    params: DenoisingParams, mask_token_id: int, device: torch.device
+) -> Denoiser:
+    if params.family == LLADA:
+        return LLaDADenoiser(params, mask_token_id, device)
+    if params.family == DREAM:
+        return DreamDenoiser(params, mask_token_id, device)
+    raise ValueError(f"unknown model family {params.family!r}")

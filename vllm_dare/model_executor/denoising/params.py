@@ -1,0 +1,270 @@
+"""Per-request denoising knobs: defaults, parsing and validation.
+
+A request's knobs come from ``SamplingParams.extra_args`` (keys ``dllm_*``), falling
+back to the served model's defaults (its ``generation_config.json`` plus
+``--override-generation-config``). ``max_tokens`` is the generation length: the
+number of [MASK] positions appended to the prompt.
+
+The same resolution runs at admission in the API process (to reject bad requests
+with a clear message) and in the worker (to configure the request's denoiser).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+LLADA = "llada"
+DREAM = "dream"
+
+LLADA_REMASKING = ("low_confidence", "random")
+DREAM_ALGORITHMS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+
+# Request knobs (SamplingParams.extra_args) and the model family they apply to.
+REQUEST_KEYS: dict[str, tuple[str, ...]] = {
+    "dllm_steps": (LLADA, DREAM),
+    "dllm_block_length": (LLADA,),
+    "dllm_remasking": (LLADA,),
+    "dllm_cfg_scale": (LLADA,),
+    "dllm_temperature": (LLADA, DREAM),
+    "dllm_alg": (DREAM,),
+    "dllm_alg_temp": (DREAM,),
+    "dllm_top_p": (DREAM,),
+    "dllm_top_k": (DREAM,),
+}
+
+# generation_config.json keys read as served defaults, per family.
+GENERATION_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
+    LLADA: ("steps", "block_length", "remasking", "cfg_scale", "temperature"),
+    DREAM: ("steps", "alg", "alg_temp", "eps", "temperature", "top_p", "top_k"),
+}
+
+
+@dataclass(frozen=True)
+class DenoisingDefaults:
+    """What the served model does for a request that sets no ``dllm_*`` knob.
+
+    ``steps`` / ``block_length`` of None mean "equal to max_tokens" (one token per
+    step, one block), the official LLaDA defaults with gen_length = steps =
+    block_length.
+    """
+
+    family: str
+    mask_token_id: int
+    canvas_length: int
+    steps: int | None = None
+    block_length: int | None = None
+    remasking: str = "low_confidence"
+    cfg_scale: float = 0.0
+    alg: str = "origin"
+    alg_temp: float | None = None
+    eps: float = 1e-3
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+
+    @classmethod
+    def from_generation_config(
+        cls,
+        family: str,
+        mask_token_id: int,
+        canvas_length: int,
+        generation_config: dict[str, Any],
+    ) -> DenoisingDefaults:
+        values = {
+            key: generation_config[key]
+            for key in GENERATION_CONFIG_KEYS[family]
+            if generation_config.get(key) is not None
+        }
+        defaults = cls(
+            family=family,
+            mask_token_id=mask_token_id,
+            canvas_length=canvas_length,
+            **values,
+        )
+        defaults.check()
+        return defaults
+
+    def check(self) -> None:
+        """Reject served defaults that no request could use."""
+        probe = {}
+        if self.steps is not None:
+            probe["dllm_steps"] = self.steps
+        if self.family == LLADA:
+            if self.block_length is not None:
+                probe["dllm_block_length"] = self.block_length
+            probe["dllm_remasking"] = self.remasking
+            probe["dllm_cfg_scale"] = self.cfg_scale
+        else:
+            probe["dllm_alg"] = self.alg
+            probe["dllm_alg_temp"] = self.alg_temp
+            probe["dllm_top_p"] = self.top_p
+            probe["dllm_top_k"] = self.top_k
+            if not (0.0 < self.eps < 1.0):
+                raise ValueError(f"generation config eps must be in (0, 1), got {self.eps}")
+        probe["dllm_temperature"] = self.temperature
+        _parse_knobs(probe, self.family)
+
+    # The frontend validator is named after its defaults so that every process
+    # (API server, engine core) can rebuild it from the name alone.
+    def encode(self) -> str:
+        raw = json.dumps(asdict(self), sort_keys=True).encode()
+        return base64.b32encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, token: str) -> DenoisingDefaults:
+        padded = token + "=" * (-len(token) % 8)
+        return cls(**json.loads(base64.b32decode(padded)))
+
+
+@dataclass(frozen=True)
+class DenoisingParams:
+    """Fully resolved knobs of one request."""
+
+    family: str
+    gen_length: int
+    steps: int
+    temperature: float
+    # LLaDA
+    block_length: int = 0
+    remasking: str = "low_confidence"
+    cfg_scale: float = 0.0
+    # Dream
+    alg: str = "origin"
+    alg_temp: float | None = None
+    eps: float = 1e-3
+    top_p: float | None = None
+    top_k: int | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length if self.family == LLADA else 1
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
+def _parse_knobs(extra: dict[str, Any], family: str) -> dict[str, Any]:
+    """Type- and range-check the ``dllm_*`` keys present in ``extra``."""
+    knobs: dict[str, Any] = {}
+    for key, value in extra.items():
+        if not key.startswith("dllm_"):
+            continue
+        if key not in REQUEST_KEYS:
+            raise ValueError(
+                f"unknown diffusion knob {key!r}; known: {', '.join(sorted(REQUEST_KEYS))}"
+            )
+        if family not in REQUEST_KEYS[key]:
+            model = "LLaDA" if family == LLADA else "Dream"
+            raise ValueError(f"{key} does not apply to {model} models")
+        knobs[key] = value
+
+    def positive_int(key: str) -> None:
+        if key in knobs and not (_is_int(knobs[key]) and knobs[key] > 0):
+            raise ValueError(f"{key} must be a positive integer, got {knobs[key]!r}")
+
+    def non_negative(key: str, allow_none: bool = False) -> None:
+        if key not in knobs or (allow_none and knobs[key] is None):
+            return
+        if not (_is_number(knobs[key]) and knobs[key] >= 0):
+            raise ValueError(f"{key} must be a number >= 0, got {knobs[key]!r}")
+
+    positive_int("dllm_steps")
+    positive_int("dllm_block_length")
+    non_negative("dllm_temperature")
+    non_negative("dllm_cfg_scale")
+    non_negative("dllm_alg_temp", allow_none=True)
+    if "dllm_remasking" in knobs and knobs["dllm_remasking"] not in LLADA_REMASKING:
+        raise ValueError(
+            f"dllm_remasking must be one of {', '.join(LLADA_REMASKING)}, "
+            f"got {knobs['dllm_remasking']!r}"
+        )
+    if "dllm_alg" in knobs and knobs["dllm_alg"] not in DREAM_ALGORITHMS:
+        raise ValueError(
+            f"dllm_alg must be one of {', '.join(DREAM_ALGORITHMS)}, "
+            f"got {knobs['dllm_alg']!r}"
+        )
+    top_p = knobs.get("dllm_top_p")
+    if top_p is not None and not (_is_number(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"dllm_top_p must be in (0, 1], got {top_p!r}")
+    top_k = knobs.get("dllm_top_k")
+    if top_k is not None and not (_is_int(top_k) and top_k > 0):
+        raise ValueError(f"dllm_top_k must be a positive integer, got {top_k!r}")
+    return knobs
+
+
+def resolve_params(
+    extra_args: dict[str, Any] | None,
+    max_tokens: int | None,
+    defaults: DenoisingDefaults,
+) -> DenoisingParams:
+    """Resolve and validate one request's knobs; ValueError explains what is wrong."""
+    family = defaults.family
+    knobs = _parse_knobs(dict(extra_args or {}), family)
+    if max_tokens is None:
+        raise ValueError(
+            "max_tokens must be set for diffusion models: it is the generation "
+            "length (the number of masked positions denoised)"
+        )
+    if max_tokens > defaults.canvas_length:
+        raise ValueError(
+            f"max_tokens={max_tokens} exceeds the served canvas of "
+            f"{defaults.canvas_length} tokens (raise it with --diffusion-config "
+            "'{\"canvas_length\": N}')"
+        )
+    gen_length = max_tokens
+    steps = knobs.get("dllm_steps", defaults.steps or gen_length)
+    temperature = float(knobs.get("dllm_temperature", defaults.temperature))
+
+    if family == LLADA:
+        block_length = knobs.get("dllm_block_length", defaults.block_length or gen_length)
+        if gen_length % block_length != 0:
+            raise ValueError(
+                f"max_tokens={gen_length} must be a multiple of the block length "
+                f"{block_length} (dllm_block_length); note that the OpenAI server "
+                "caps max_tokens at max_model_len - prompt length"
+            )
+        num_blocks = gen_length // block_length
+        if steps % num_blocks != 0:
+            raise ValueError(
+                f"dllm_steps={steps} must be divisible by the number of blocks "
+                f"{num_blocks} (max_tokens / block length)"
+            )
+        return DenoisingParams(
+            family=LLADA,
+            gen_length=gen_length,
+            steps=steps,
+            temperature=temperature,
+            block_length=block_length,
+            remasking=knobs.get("dllm_remasking", defaults.remasking),
+            cfg_scale=float(knobs.get("dllm_cfg_scale", defaults.cfg_scale)),
+        )
+
+    alg_temp = knobs.get("dllm_alg_temp", defaults.alg_temp)
+    return DenoisingParams(
+        family=DREAM,
+        gen_length=gen_length,
+        steps=steps,
+        temperature=temperature,
+        alg=knobs.get("dllm_alg", defaults.alg),
+        alg_temp=None if alg_temp is None else float(alg_temp),
+        eps=defaults.eps,
+        top_p=knobs.get("dllm_top_p", defaults.top_p),
+        top_k=knobs.get("dllm_top_k", defaults.top_k),
+    )

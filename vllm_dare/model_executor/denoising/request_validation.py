@@ -1,0 +1,68 @@
+"""Admission-time validation of diffusion requests.
+
+vLLM's Model Runner V2 calls ``LogitsProcessor.validate_params`` for every request
+at admission, in the API process, and turns a ``ValueError`` into a
+``VLLMValidationError`` (HTTP 400 from the server, an exception from
+``LLM.generate``) without touching the engine. That is the supported per-request
+validation hook, so the plugin installs one processor class per served model
+through ``model_config.logits_processors``. It never edits logits: the diffusion
+sampler replaces vLLM's sampler, so ``apply`` is never reached.
+
+The class must be importable by name in every process, and it needs the served
+model's defaults. Its name therefore carries them:
+``DenoisingRequestValidator_<encoded DenoisingDefaults>``; this module builds such
+a class on first access (PEP 562 module ``__getattr__``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor
+
+from vllm_dare.model_executor.denoising.params import DenoisingDefaults, resolve_params
+
+_PREFIX = "DenoisingRequestValidator_"
+
+
+def validate_request(sampling_params, defaults: DenoisingDefaults) -> None:
+    """Raise ValueError with a clear message if the request cannot be served."""
+    if sampling_params.logprobs is not None or sampling_params.prompt_logprobs is not None:
+        raise ValueError(
+            "logprobs and prompt_logprobs are not supported for diffusion models "
+            "served by vllm-dare"
+        )
+    resolve_params(sampling_params.extra_args, sampling_params.max_tokens, defaults)
+
+
+class _DenoisingRequestValidator(LogitsProcessor):
+    defaults: DenoisingDefaults
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        validate_request(sampling_params, cls.defaults)
+
+    def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:  # pragma: no cover
+        raise RuntimeError("the diffusion sampler never applies logits processors")
+
+
+def validator_name(defaults: DenoisingDefaults) -> str:
+    """Fully qualified name vLLM loads the validator class by."""
+    return f"{__name__}:{_PREFIX}{defaults.encode()}"
+
+
+@lru_cache(maxsize=None)
+def _validator_class(token: str) -> type[_DenoisingRequestValidator]:
+    defaults = DenoisingDefaults.decode(token)
+    return type(
+        _PREFIX + token,
+        (_DenoisingRequestValidator,),
+        {"defaults": defaults, "__module__": __name__},
+    )
+
+
+def __getattr__(name: str):
+    if name.startswith(_PREFIX):
+        return _validator_class(name[len(_PREFIX):])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

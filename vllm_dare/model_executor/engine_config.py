@@ -1,0 +1,138 @@
+"""Per-architecture engine set-up for LLaDA and Dream (vLLM's ``MODELS_CONFIG_MAP``).
+
+vLLM runs ``verify_and_update_config`` of an architecture's entry while it builds
+the engine config, in the process that builds it. For our two architectures it:
+
+* turns on vLLM's diffusion path (``DiffusionConfig``, canvas = longest
+  ``max_tokens`` served) with the whole-sequence scheduler;
+* forces synchronous scheduling and turns prefix caching off: a bidirectional
+  prompt's keys/values depend on the canvas, so they cannot be shared or kept;
+* makes sure one step can hold a whole sequence (``max_num_batched_tokens >=
+  max_model_len``);
+* resolves the denoising defaults (generation_config.json +
+  ``--override-generation-config``), hands them to the workers and installs the
+  admission-time request validator;
+* keeps vLLM's own sampling defaults out of the way: diffusion requests must keep
+  ``temperature=1.0`` in vLLM (the denoising temperature is ``dllm_temperature``).
+"""
+
+from __future__ import annotations
+
+from vllm.logger import init_logger
+from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+logger = init_logger(__name__)
+
+SCHEDULER_CLS = (
+    "vllm_dare.core.whole_sequence_scheduler.WholeSequenceDiffusionScheduler"
+)
+
+# vLLM sampling defaults a generation_config.json may carry; for diffusion models
+# vLLM rejects any temperature other than 1.0, so they are not forwarded to it.
+_VLLM_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p")
+
+
+class DenoisingEngineConfig(VerifyAndUpdateConfig):
+    family: str = ""
+
+    @classmethod
+    def verify_and_update_config(cls, vllm_config) -> None:
+        from vllm.config.diffusion import DiffusionConfig
+
+        from vllm_dare.model_executor.denoising.params import DenoisingDefaults
+        from vllm_dare.model_executor.denoising.request_validation import (
+            validator_name,
+        )
+
+        model_config = vllm_config.model_config
+        hf_config = model_config.hf_config
+        scheduler_config = vllm_config.scheduler_config
+        cache_config = vllm_config.cache_config
+
+        if vllm_config.parallel_config.pipeline_parallel_size > 1:
+            raise ValueError("vllm-dare does not support pipeline parallelism")
+
+        if vllm_config.diffusion_config is None:
+            vllm_config.diffusion_config = DiffusionConfig(
+                canvas_length=hf_config.canvas_length
+            )
+        canvas_length = vllm_config.diffusion_config.canvas_length
+
+        if scheduler_config.async_scheduling:
+            raise ValueError(
+                "vllm-dare recomputes each request's whole sequence every denoising "
+                "step and needs synchronous scheduling; remove --async-scheduling"
+            )
+        scheduler_config.async_scheduling = False
+        if scheduler_config.scheduler_cls is None:
+            scheduler_config.scheduler_cls = SCHEDULER_CLS
+        elif str(scheduler_config.scheduler_cls) != SCHEDULER_CLS:
+            raise ValueError(
+                f"vllm-dare serves {model_config.architecture} with its own scheduler "
+                f"({SCHEDULER_CLS}); got --scheduler-cls {scheduler_config.scheduler_cls}"
+            )
+
+        if cache_config.enable_prefix_caching:
+            logger.info(
+                "%s: prefix caching disabled (bidirectional attention: a prompt's "
+                "keys/values depend on the whole canvas).",
+                model_config.architecture,
+            )
+            cache_config.enable_prefix_caching = False
+
+        max_model_len = model_config.max_model_len
+        if scheduler_config.max_num_batched_tokens < max_model_len:
+            logger.info(
+                "%s: raising max_num_batched_tokens from %d to max_model_len=%d so "
+                "one denoising step can hold a whole sequence.",
+                model_config.architecture,
+                scheduler_config.max_num_batched_tokens,
+                max_model_len,
+            )
+            scheduler_config.max_num_batched_tokens = max_model_len
+        if (
+            scheduler_config.max_num_scheduled_tokens is not None
+            and scheduler_config.max_num_scheduled_tokens < max_model_len
+        ):
+            scheduler_config.max_num_scheduled_tokens = max_model_len
+
+        generation_config = dict(model_config.try_get_generation_config())
+        generation_config.update(
+            {
+                k: v
+                for k, v in model_config.override_generation_config.items()
+                if v is not None
+            }
+        )
+        defaults = DenoisingDefaults.from_generation_config(
+            family=cls.family,
+            mask_token_id=int(hf_config.mask_token_id),
+            canvas_length=int(canvas_length),
+            generation_config=generation_config,
+        )
+        hf_config.denoising_defaults = defaults.encode()
+        for key in _VLLM_SAMPLING_KEYS:
+            model_config.override_generation_config[key] = None
+
+        validator = validator_name(defaults)
+        processors = [
+            p
+            for p in (model_config.logits_processors or [])
+            if not (isinstance(p, str) and p.split(":")[0] == validator.split(":")[0])
+        ]
+        model_config.logits_processors = processors + [validator]
+
+        if not vllm_config.use_v2_model_runner:
+            raise ValueError(
+                "vllm-dare needs vLLM's Model Runner V2 (VLLM_USE_V2_MODEL_RUNNER=1); "
+                "on the CPU build it also needs Triton, which the plugin's CPU mode "
+                "provides (see docs/cpu.md)"
+            )
+
+
+class LLaDAEngineConfig(DenoisingEngineConfig):
+    family = "llada"
+
+
+class DreamEngineConfig(DenoisingEngineConfig):
+    family = "dream"

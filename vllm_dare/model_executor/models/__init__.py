@@ -1,0 +1,1 @@
+"""vLLM model implementations of LLaDA and Dream."""

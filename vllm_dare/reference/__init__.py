@@ -1,0 +1,12 @@
+"""Pure-PyTorch reference of LLaDA and Dream (forward + official generation).
+
+Readable, unoptimised, and independent of vLLM: the oracle for the engine's exact
+mode, for the benchmark harness and for the training script. It is itself checked
+against ``transformers``' ``LlamaModel`` / ``Qwen2Model`` run with a full
+non-causal mask (see ``tests/test_reference_model.py``).
+"""
+
+from vllm_dare.reference.generation import dream_generate, llada_generate
+from vllm_dare.reference.modeling import ReferenceDLLM, load_reference_model
+
+__all__ = ["ReferenceDLLM", "dream_generate", "llada_generate", "load_reference_model"]
