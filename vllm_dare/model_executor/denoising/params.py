@@ -246,6 +246,12 @@ def resolve_params(
                 f"dllm_steps={steps} must be divisible by the number of blocks "
                 f"{num_blocks} (max_tokens / block length)"
             )
+        cfg_scale = float(knobs.get("dllm_cfg_scale", defaults.cfg_scale))
+        if cfg_scale > 0:
+            raise ValueError(
+                "dllm_cfg_scale > 0 (classifier-free guidance) is not supported by the "
+                "engine yet: it needs a second, prompt-masked forward per step"
+            )
         return DenoisingParams(
             family=LLADA,
             gen_length=gen_length,
@@ -253,7 +259,7 @@ def resolve_params(
             temperature=temperature,
             block_length=block_length,
             remasking=knobs.get("dllm_remasking", defaults.remasking),
-            cfg_scale=float(knobs.get("dllm_cfg_scale", defaults.cfg_scale)),
+            cfg_scale=cfg_scale,
         )
 
     alg_temp = knobs.get("dllm_alg_temp", defaults.alg_temp)

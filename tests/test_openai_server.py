@@ -1,0 +1,109 @@
+"""The OpenAI-compatible server: completions, chat, streaming, and HTTP 400 for bad
+diffusion knobs with the server still serving afterwards."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+openai = pytest.importorskip("openai")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llada, engines):
+    engines.close()  # one engine at a time on a 2-core machine
+    port = _free_port()
+    env = dict(os.environ)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(tiny_llada), "--served-model-name", "tiny-llada",
+        "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
+        "--max-num-seqs", "4", "--host", "127.0.0.1", "--port", str(port),
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited:\n" + proc.stdout.read()[-5000:])
+        try:
+            if requests.get(base + "/health", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    else:
+        proc.kill()
+        raise RuntimeError("server did not start in time")
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="none")
+
+
+XARGS = {"vllm_xargs": {"dllm_steps": 8, "dllm_block_length": 8}}
+
+
+def test_completion(client):
+    out = client.completions.create(model="tiny-llada", prompt="12+34=", max_tokens=16, extra_body=XARGS)
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert out.usage.completion_tokens > 0
+
+
+def test_chat_completion(client):
+    out = client.chat.completions.create(
+        model="tiny-llada",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=16,
+        extra_body=XARGS,
+    )
+    assert out.choices[0].message.role == "assistant"
+    assert out.usage.completion_tokens > 0
+
+
+def test_streaming_matches_non_streaming(client):
+    kwargs = dict(model="tiny-llada", prompt="abc", max_tokens=16, extra_body=XARGS)
+    full = client.completions.create(**kwargs).choices[0].text
+    chunks = list(client.completions.create(stream=True, **kwargs))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full
+
+
+@pytest.mark.parametrize(
+    "xargs,message",
+    [
+        ({"dllm_block_length": 5}, "multiple of the block length"),
+        ({"dllm_remasking": "nope"}, "dllm_remasking must be one of"),
+        ({"dllm_steps": -1}, "dllm_steps must be a positive integer"),
+        ({"dllm_unknown": 1}, "unknown diffusion knob"),
+    ],
+)
+def test_bad_knobs_are_http_400_and_server_keeps_serving(server, client, xargs, message):
+    r = requests.post(
+        server + "/v1/completions",
+        json={"model": "tiny-llada", "prompt": "hi", "max_tokens": 16, "vllm_xargs": xargs},
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]["message"]
+    out = client.completions.create(model="tiny-llada", prompt="hi", max_tokens=8)
+    assert out.usage.completion_tokens > 0
