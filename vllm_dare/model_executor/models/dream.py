@@ -12,28 +12,21 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch import nn
 
 from vllm.config import VllmConfig
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.qwen2 import Qwen2Model
 from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 
-from vllm_dare.model_executor.denoising.model_state import DenoisingModelState
+from vllm_dare.model_executor.models.denoising_lm import DenoisingLM
 
 
-class DreamModel(nn.Module):
+class DreamModel(DenoisingLM):
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "gate_up_proj": ["gate_proj", "up_proj"],
     }
     hf_to_vllm_mapper = Qwen2Model.hf_to_vllm_mapper
     logits_position_offset = -1
-
-    @staticmethod
-    def get_model_state_cls():
-        return DenoisingModelState
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
@@ -42,16 +35,7 @@ class DreamModel(nn.Module):
             raise ValueError("Dream checkpoints have an untied lm_head")
         self.config = config
         self.model = Qwen2Model(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=vllm_config.quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
-        self.logits_processor = LogitsProcessor(config.vocab_size)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_input_ids(input_ids)
+        self._init_lm_head(vllm_config, config.vocab_size, config.hidden_size, prefix)
 
     def forward(
         self,
@@ -62,9 +46,6 @@ class DreamModel(nn.Module):
         **kwargs,
     ) -> torch.Tensor:
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)

@@ -23,18 +23,14 @@ from vllm.model_executor.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.model_executor.layers.vocab_parallel_embedding import (
-    ParallelLMHead,
-    VocabParallelEmbedding,
-)
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.utils import maybe_prefix
 
 from vllm_dare.configs import LLaDAConfig
-from vllm_dare.model_executor.denoising.model_state import DenoisingModelState
+from vllm_dare.model_executor.models.denoising_lm import DenoisingLM
 
 
 class LLaDAMLP(nn.Module):
@@ -245,7 +241,7 @@ def _checkpoint_to_param(name: str) -> tuple[str, str | int | None]:
     raise ValueError(f"unexpected tensor in LLaDA checkpoint: {name}")
 
 
-class LLaDAModelLM(nn.Module):
+class LLaDAModelLM(DenoisingLM):
     """LLaDA with its LM head; denoising runs through ``DenoisingModelState``."""
 
     packed_modules_mapping = {
@@ -255,25 +251,12 @@ class LLaDAModelLM(nn.Module):
     # LLaDA reads a position's logits from its own hidden state.
     logits_position_offset = 0
 
-    @staticmethod
-    def get_model_state_cls():
-        return DenoisingModelState
-
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         config: LLaDAConfig = vllm_config.model_config.hf_config
         self.config = config
         self.model = LLaDAModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
-        self.lm_head = ParallelLMHead(
-            config.embedding_size,
-            config.d_model,
-            quant_config=vllm_config.quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
-        self.logits_processor = LogitsProcessor(config.vocab_size)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_input_ids(input_ids)
+        self._init_lm_head(vllm_config, config.embedding_size, config.d_model, prefix)
 
     def forward(
         self,
@@ -284,9 +267,6 @@ class LLaDAModelLM(nn.Module):
         **kwargs,
     ) -> torch.Tensor:
         return self.model(input_ids, positions, inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())

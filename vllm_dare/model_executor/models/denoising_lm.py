@@ -1,0 +1,44 @@
+"""What LLaDA and Dream share as vLLM models: the LM head, the logits, and the
+``ModelState`` that runs denoising."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.model_executor.models.utils import maybe_prefix
+
+from vllm_dare.model_executor.denoising.model_state import DenoisingModelState
+
+
+class DenoisingLM(nn.Module):
+    """Base of the two model classes; subclasses build ``self.model`` (a backbone
+    with ``embed_input_ids``) and call ``_init_lm_head``."""
+
+    # Offset from a position to the hidden state its logits are read from
+    # (0 for LLaDA, -1 for Dream's shift); applied by DenoisingModelState.
+    logits_position_offset = 0
+
+    @staticmethod
+    def get_model_state_cls():
+        return DenoisingModelState
+
+    def _init_lm_head(
+        self, vllm_config: VllmConfig, vocab_size: int, hidden_size: int, prefix: str
+    ) -> None:
+        self.lm_head = ParallelLMHead(
+            vocab_size,
+            hidden_size,
+            quant_config=vllm_config.quant_config,
+            prefix=maybe_prefix(prefix, "lm_head"),
+        )
+        self.logits_processor = LogitsProcessor(vocab_size)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
