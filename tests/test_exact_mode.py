@@ -88,3 +88,29 @@ def test_dream_matches_reference(dream_engine, tiny_dream, alg, gen_length, step
         for i in ids
     ]
     assert got == want
+
+
+@pytest.mark.parametrize("cfg_scale", [0.5, 2.0])
+def test_llada_classifier_free_guidance_matches_reference(llada_engine, tiny_llada, cfg_scale):
+    """Guided requests run an unconditional twin; unguided ones in the same batch
+    are unaffected."""
+    llm = llada_engine()
+    ref = load_reference_model(tiny_llada)
+    ids = _token_ids(llm, PROMPTS)
+    guided = {"dllm_steps": 8, "dllm_block_length": 8, "dllm_cfg_scale": cfg_scale}
+    plain = {"dllm_steps": 8, "dllm_block_length": 8}
+    params = [
+        SamplingParams(max_tokens=16, extra_args=guided if k % 2 == 0 else plain, ignore_eos=True)
+        for k in range(len(ids))
+    ]
+    outs = llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
+    assert [o.request_id for o in outs] == sorted(o.request_id for o in outs)
+    for k, (prompt, out) in enumerate(zip(ids, outs)):
+        scale = cfg_scale if k % 2 == 0 else 0.0
+        want = llada_generate(
+            ref.logits, prompt, ref.spec.mask_token_id, 16, 8, 8, cfg_scale=scale
+        )
+        assert list(out.outputs[0].token_ids) == want, k
+    # Guidance changes the result (the twin's logits are really used).
+    unguided = llada_generate(ref.logits, ids[0], ref.spec.mask_token_id, 16, 8, 8)
+    assert list(outs[0].outputs[0].token_ids) != unguided

@@ -81,6 +81,15 @@ def test_chat_completion(client):
     assert out.usage.completion_tokens > 0
 
 
+def test_guided_completion_hides_its_twin(client):
+    xargs = {"vllm_xargs": {"dllm_steps": 8, "dllm_block_length": 8, "dllm_cfg_scale": 1.0}}
+    out = client.completions.create(
+        model="tiny-llada", prompt=["12+34=", "hello"], max_tokens=16, extra_body=xargs
+    )
+    assert len(out.choices) == 2
+    assert all(c.finish_reason in ("stop", "length") for c in out.choices)
+
+
 def test_streaming_matches_non_streaming(client):
     kwargs = dict(model="tiny-llada", prompt="abc", max_tokens=16, extra_body=XARGS)
     full = client.completions.create(**kwargs).choices[0].text

@@ -26,7 +26,6 @@ BAD_LLADA = [
     (16, {"dllm_remasking": "lowest"}, "dllm_remasking must be one of"),
     (16, {"dllm_alg": "entropy"}, "dllm_alg does not apply to LLaDA"),
     (16, {"dllm_stepz": 4}, "unknown diffusion knob 'dllm_stepz'"),
-    (16, {"dllm_cfg_scale": 1.5}, "classifier-free guidance"),
     (16, {"dllm_cfg_scale": -1}, "dllm_cfg_scale must be a number >= 0"),
     (128, {}, "exceeds the served canvas of 64"),
 ]

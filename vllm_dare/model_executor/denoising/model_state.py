@@ -45,6 +45,8 @@ class DenoisingModelState(DefaultModelState):
     def add_request(self, req_index: int, new_req_data) -> None:
         super().add_request(req_index, new_req_data)
         self._slot_of[new_req_data.req_id] = req_index
+        if self.sampler is not None:
+            self.sampler.req_id_of_slot[req_index] = new_req_data.req_id
 
     def remove_request(self, req_id: str) -> None:
         super().remove_request(req_id)

@@ -21,6 +21,12 @@ LLADA = "llada"
 DREAM = "dream"
 
 LLADA_REMASKING = ("low_confidence", "random")
+
+# Classifier-free guidance runs an unconditional twin of the request (its prompt
+# replaced by [MASK]) next to it. The twin's request id is the owner's plus this
+# suffix, and its extra_args name the owner under CFG_TWIN_OWNER_KEY.
+CFG_TWIN_SUFFIX = "::dllm-cfg-uncond"
+CFG_TWIN_OWNER_KEY = "_dllm_cfg_owner"
 DREAM_ALGORITHMS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
 # Request knobs (SamplingParams.extra_args) and the model family they apply to.
@@ -247,11 +253,6 @@ def resolve_params(
                 f"{num_blocks} (max_tokens / block length)"
             )
         cfg_scale = float(knobs.get("dllm_cfg_scale", defaults.cfg_scale))
-        if cfg_scale > 0:
-            raise ValueError(
-                "dllm_cfg_scale > 0 (classifier-free guidance) is not supported by the "
-                "engine yet: it needs a second, prompt-masked forward per step"
-            )
         return DenoisingParams(
             family=LLADA,
             gen_length=gen_length,

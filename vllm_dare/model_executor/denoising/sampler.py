@@ -10,10 +10,17 @@ its output tokens (vLLM then stops at the first EOS).
 Bookkeeping for whole-sequence recomputation: for every step that is not final the
 sampler reports the request's entire query as rejected, so the worker's
 ``num_computed_tokens`` returns to 0 (see ``core/whole_sequence_scheduler.py``).
+
+Classifier-free guidance: a guided request has an unconditional twin in the batch
+(same canvas, prompt replaced by [MASK]; added by the scheduler). The owner steps
+only when its twin was fed the same canvas this step, with
+``uncond + (cfg_scale + 1) * (cond - uncond)`` as the logits; the new canvas is
+written to both, and both emit together.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -21,10 +28,27 @@ import numpy as np
 import torch
 
 from vllm_dare.model_executor.denoising.denoisers import Denoiser, make_denoiser
-from vllm_dare.model_executor.denoising.params import DenoisingDefaults, resolve_params
+from vllm_dare.model_executor.denoising.params import (
+    CFG_TWIN_OWNER_KEY,
+    CFG_TWIN_SUFFIX,
+    DenoisingDefaults,
+    resolve_params,
+)
 
 # The runner reads penalties_state.output_bin_counts; None means "no penalties".
 _NO_PENALTIES = SimpleNamespace(output_bin_counts=None)
+
+
+@dataclass
+class CfgTwin:
+    """The unconditional twin of a guided request: it only mirrors the canvas."""
+
+    owner_req_id: str
+    canvas: torch.Tensor
+
+    @property
+    def gen_length(self) -> int:
+        return self.canvas.shape[0]
 
 
 class DenoisingSampler:
@@ -35,7 +59,9 @@ class DenoisingSampler:
         self.compute_nans = False
         self.defaults = defaults
         self.device = device
-        self.denoisers: dict[int, Denoiser] = {}
+        self.states: dict[int, Denoiser | CfgTwin] = {}
+        # Filled by the ModelState before add_request: slot <-> request id.
+        self.req_id_of_slot: dict[int, str] = {}
         max_reqs = self.req_states.draft_tokens.shape[0]
         width = self.req_states.draft_tokens.shape[1]
         self._sampled = torch.zeros(max_reqs, max(width, 1), dtype=torch.int32, device=device)
@@ -47,15 +73,15 @@ class DenoisingSampler:
     def add_request(self, req_idx: int, sampling_params: Any) -> None:
         self.sampling_states.add_request(req_idx, sampling_params)
         self.logprob_token_ids_state.add_request(req_idx, sampling_params)
-        params = resolve_params(
-            sampling_params.extra_args, sampling_params.max_tokens, self.defaults
-        )
-        self.denoisers[req_idx] = make_denoiser(
-            params, self.defaults.mask_token_id, self.device
-        )
+        extra = sampling_params.extra_args or {}
+        params = resolve_params(extra, sampling_params.max_tokens, self.defaults)
+        denoiser = make_denoiser(params, self.defaults.mask_token_id, self.device)
+        owner = extra.get(CFG_TWIN_OWNER_KEY)
+        self.states[req_idx] = denoiser if owner is None else CfgTwin(owner, denoiser.canvas)
 
     def remove_request(self, req_idx: int) -> None:
-        self.denoisers.pop(req_idx, None)
+        self.states.pop(req_idx, None)
+        self.req_id_of_slot.pop(req_idx, None)
 
     def apply_staged_writes(self) -> None:
         self.sampling_states.apply_staged_writes()
@@ -66,44 +92,75 @@ class DenoisingSampler:
 
         num_reqs = input_batch.num_reqs
         num_logits = np.diff(input_batch.cu_num_logits_np[: num_reqs + 1])
+        row_start = input_batch.cu_num_logits_np[:num_reqs]
         query_lens = np.diff(input_batch.query_start_loc_np[: num_reqs + 1])
+        slots = input_batch.idx_mapping_np[:num_reqs]
+        batch_index = {rid: i for i, rid in enumerate(input_batch.req_ids[:num_reqs])}
         num_sampled = np.zeros(num_reqs, dtype=np.int32)
         num_rejected = np.zeros(num_reqs, dtype=np.int32)
         sampled = self._sampled[:num_reqs]
-        draft_tokens = self.req_states.draft_tokens
-        row = 0
+        drafts = self.req_states.draft_tokens
+
+        def rows(i: int) -> torch.Tensor:
+            return logits[int(row_start[i]) : int(row_start[i]) + int(num_logits[i])]
+
+        def emit(i: int, canvas: torch.Tensor) -> None:
+            sampled[i, : canvas.shape[0]] = canvas.to(torch.int32)
+            num_sampled[i] = canvas.shape[0]
+            num_rejected[i] = 0
+
         for i in range(num_reqs):
-            slot = int(input_batch.idx_mapping_np[i])
-            denoiser = self.denoisers.get(slot)
-            n = int(num_logits[i])
-            rows = logits[row : row + n]
-            row += n
-            if denoiser is None:  # dummy / profiling batch
+            slot = int(slots[i])
+            state = self.states.get(slot)
+            if state is None:  # dummy / profiling batch
                 continue
-            computed_before = int(input_batch.num_computed_tokens_np[i])
             # Everything computed this step is thrown away again: the next step
             # recomputes the whole sequence.
+            computed_before = int(input_batch.num_computed_tokens_np[i])
             recompute = computed_before + int(query_lens[i])
+            n = int(num_logits[i])
             if n == 0:
-                prompt_done = computed_before + int(query_lens[i]) >= int(
-                    input_batch.prefill_len_np[i]
-                )
-                if prompt_done:
-                    draft_tokens[slot, : denoiser.gen_length] = denoiser.canvas
+                if recompute >= int(input_batch.prefill_len_np[i]):  # prompt consumed
+                    drafts[slot, : state.gen_length] = state.canvas
                     num_rejected[i] = recompute
                 continue
-            if n != denoiser.gen_length:
+            if n != state.gen_length:
                 raise RuntimeError(
                     f"request in slot {slot} got {n} canvas logits, expected "
-                    f"{denoiser.gen_length}"
+                    f"{state.gen_length}"
                 )
-            finished = denoiser.step(rows)
-            if finished:
-                sampled[i, :n] = denoiser.canvas.to(torch.int32)
-                num_sampled[i] = n
-            else:
-                draft_tokens[slot, :n] = denoiser.canvas
+            if num_sampled[i] == 0:
                 num_rejected[i] = recompute
+            if isinstance(state, CfgTwin):
+                continue  # stepped together with its owner
+
+            step_logits = rows(i)
+            twin_i = twin_slot = None
+            if state.params.cfg_scale > 0:
+                twin_i = batch_index.get(self.req_id_of_slot[slot] + CFG_TWIN_SUFFIX)
+                if twin_i is not None:
+                    twin_slot = int(slots[twin_i])
+                synced = (
+                    twin_i is not None
+                    and int(num_logits[twin_i]) == n
+                    and torch.equal(drafts[twin_slot, :n], state.canvas)
+                )
+                if not synced:
+                    # The twin did not see this canvas: no step, resync it.
+                    if twin_slot is not None:
+                        drafts[twin_slot, :n] = state.canvas
+                    continue
+                uncond = rows(twin_i)
+                step_logits = uncond + (state.params.cfg_scale + 1) * (step_logits - uncond)
+
+            if state.step(step_logits):
+                emit(i, state.canvas)
+                if twin_i is not None:
+                    emit(twin_i, state.canvas)
+            else:
+                drafts[slot, :n] = state.canvas
+                if twin_slot is not None:
+                    drafts[twin_slot, :n] = state.canvas
         return SamplerOutput(
             sampled_token_ids=sampled,
             logprobs_tensors=None,
