@@ -14,6 +14,12 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
+# The plugin's CPU mode, as vLLM applies it through the platform-plugin entry point,
+# before any Triton kernel module is imported (a no-op on vLLM's CUDA build).
+from vllm_dare.cpu_triton import enable_if_cpu_build  # noqa: E402
+
+enable_if_cpu_build()
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

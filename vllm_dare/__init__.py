@@ -16,6 +16,16 @@ ARCHITECTURES = {
 
 _registered = False
 
+DARE_BACKEND = "vllm_dare.attention_backends.dare_backend.DareAttentionBackend"
+
+
+def _register_dare_backend_name() -> None:
+    """Make ``--attention-backend dare`` parse (AttentionBackendEnum.DARE)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if "DARE" not in AttentionBackendEnum.__members__:
+        register_backend("DARE", DARE_BACKEND)
+
 
 def register() -> None:
     global _registered
@@ -38,4 +48,5 @@ def register() -> None:
             ModelRegistry.register_model(arch, target)
     MODELS_CONFIG_MAP["LLaDAModelLM"] = LLaDAEngineConfig
     MODELS_CONFIG_MAP["DreamModel"] = DreamEngineConfig
+    _register_dare_backend_name()
     _registered = True

@@ -37,6 +37,7 @@ from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.outputs import DraftTokenIds
 from vllm.v1.request import Request, RequestStatus
 
+from vllm_dare.attention_backends import dare_stats
 from vllm_dare.model_executor.denoising.params import (
     CFG_TWIN_OWNER_KEY,
     CFG_TWIN_SUFFIX,
@@ -200,6 +201,13 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
             engine_outputs.outputs = [
                 o for o in engine_outputs.outputs if not is_cfg_twin(o.request_id)
             ]
+            for output in engine_outputs.outputs:
+                if output.finish_reason is not None:
+                    stats = dare_stats.take_request(output.request_id)
+                    if stats is not None:
+                        output.kv_transfer_params = {
+                            **(output.kv_transfer_params or {}), "dare": stats
+                        }
             if engine_outputs.finished_requests:
                 engine_outputs.finished_requests = {
                     r for r in engine_outputs.finished_requests if not is_cfg_twin(r)

@@ -96,6 +96,8 @@ class DenoisingEngineConfig(VerifyAndUpdateConfig):
         ):
             scheduler_config.max_num_scheduled_tokens = max_model_len
 
+        dare = cls._dare_settings(vllm_config)
+
         generation_config = dict(model_config.try_get_generation_config())
         generation_config.update(
             {
@@ -109,6 +111,7 @@ class DenoisingEngineConfig(VerifyAndUpdateConfig):
             mask_token_id=int(hf_config.mask_token_id),
             canvas_length=int(canvas_length),
             generation_config=generation_config,
+            dare=dare,
         )
         hf_config.denoising_defaults = defaults.encode()
         for key in _VLLM_SAMPLING_KEYS:
@@ -128,6 +131,36 @@ class DenoisingEngineConfig(VerifyAndUpdateConfig):
                 "on the CPU build it also needs Triton, which the plugin's CPU mode "
                 "provides (see docs/cpu.md)"
             )
+
+
+    @staticmethod
+    def _dare_settings(vllm_config) -> dict | None:
+        """Engine DARE settings when ``--attention-backend dare`` is selected.
+
+        The selection is recorded on the HF config (which travels to every process)
+        and removed from the attention config: the model's layers are built with the
+        DARE backend class directly, so no process needs the plugin's enum member
+        before plugins load, and vLLM's CPU platform (which only runs CPU_ATTN)
+        does not override it.
+        """
+        from vllm_dare.attention_backends.dare_settings import DareSettings
+
+        attention_config = vllm_config.attention_config
+        backend = attention_config.backend
+        additional = vllm_config.additional_config
+        raw = additional.get("dare") if isinstance(additional, dict) else None
+        if backend is None or getattr(backend, "name", None) != "DARE":
+            if raw is not None:
+                raise ValueError(
+                    "additional_config['dare'] is set but the DARE backend is not "
+                    "selected (--attention-backend dare)"
+                )
+            return None
+        settings = DareSettings.from_engine_config(raw)
+        vllm_config.model_config.hf_config.dare_settings = settings.to_dict()
+        attention_config.backend = None
+        logger.info("DARE attention backend: %s", settings.to_dict())
+        return settings.to_dict()
 
 
 class LLaDAEngineConfig(DenoisingEngineConfig):

@@ -162,8 +162,9 @@ class ReferenceDLLM:
         return self.embed.dtype
 
     def _attention(self, x: torch.Tensor, layer: dict, cos, sin) -> torch.Tensor:
+        """Bidirectional self-attention of ``x [..., T, hidden]``."""
         s = self.spec
-        T = x.shape[0]
+        *lead, T, _ = x.shape
         q = x @ layer["q"].T
         k = x @ layer["k"].T
         v = x @ layer["v"].T
@@ -171,9 +172,9 @@ class ReferenceDLLM:
             q = q + layer["q_bias"]
             k = k + layer["k_bias"]
             v = v + layer["v_bias"]
-        q = q.view(T, s.num_heads, s.head_dim).transpose(0, 1)
-        k = k.view(T, s.num_kv_heads, s.head_dim).transpose(0, 1)
-        v = v.view(T, s.num_kv_heads, s.head_dim).transpose(0, 1)
+        q = q.view(*lead, T, s.num_heads, s.head_dim).transpose(-2, -3)
+        k = k.view(*lead, T, s.num_kv_heads, s.head_dim).transpose(-2, -3)
+        v = v.view(*lead, T, s.num_kv_heads, s.head_dim).transpose(-2, -3)
         if s.family == "llada":
             # rope_full_precision: rotate in fp32, cast back.
             qf, kf = q.float(), k.float()
@@ -184,17 +185,17 @@ class ReferenceDLLM:
             q = q * c + rotate_half(q) * sn
             k = k * c + rotate_half(k) * sn
         group = s.num_heads // s.num_kv_heads
-        k = k.repeat_interleave(group, dim=0)
-        v = v.repeat_interleave(group, dim=0)
+        k = k.repeat_interleave(group, dim=-3)
+        v = v.repeat_interleave(group, dim=-3)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(s.head_dim)
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = (probs @ v).transpose(0, 1).reshape(T, s.num_heads * s.head_dim)
+        out = (probs @ v).transpose(-2, -3).reshape(*lead, T, s.num_heads * s.head_dim)
         return out @ layer["o"].T
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states of one sequence ``[T] -> [T, hidden]``."""
+        """Final-norm hidden states: ``[..., T] -> [..., T, hidden]``."""
         s = self.spec
-        positions = torch.arange(input_ids.shape[0])
+        positions = torch.arange(input_ids.shape[-1])
         cos, sin = rope_tables(positions, s.head_dim, s.rope_theta)
         x = self.embed[input_ids]
         for layer in self.layers:
@@ -206,13 +207,19 @@ class ReferenceDLLM:
             x = x + (torch.nn.functional.silu(gate) * up) @ layer["down"].T
         return rms_norm(x, self.final_norm, s.rms_norm_eps)
 
-    @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits of one sequence ``[T] -> [T, vocab]`` as generation reads them."""
+    def forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[..., T] -> [..., T, vocab]`` as generation reads them (Dream's
+        row i comes from the hidden state at i-1, row 0 from itself). Differentiable:
+        the training script uses it with weights that require grad."""
         logits = (self.hidden_states(input_ids) @ self.lm_head.T).float()
         if self.spec.family == "dream":
-            logits = torch.cat([logits[:1], logits[:-1]], dim=0)
+            logits = torch.cat([logits[..., :1, :], logits[..., :-1, :]], dim=-2)
         return logits
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of one sequence ``[T] -> [T, vocab]`` (no grad)."""
+        return self.forward_logits(input_ids)
 
 
 def load_reference_model(

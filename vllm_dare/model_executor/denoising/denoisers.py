@@ -29,6 +29,10 @@ class Denoiser:
         """Apply one step given ``logits [gen_length, vocab]``; True when done."""
         raise NotImplementedError
 
+    def at_block_start(self) -> bool:
+        """True when the next step is the first of a (semi-autoregressive) block."""
+        return self.next_step == 0
+
 
 def llada_transfer_counts(block_length: int, steps_per_block: int) -> list[int]:
     """Tokens unmasked at each step of a block: M // S each, the first M % S one more."""
@@ -45,6 +49,9 @@ class LLaDADenoiser(Denoiser):
 
     def _count(self, step: int) -> int:
         return self.counts[step % self.params.steps_per_block]
+
+    def at_block_start(self) -> bool:
+        return self.next_step % self.params.steps_per_block == 0
 
     def step(self, logits: torch.Tensor) -> bool:
         p = self.params

@@ -6,18 +6,23 @@ Everything vLLM's default state does, plus what a masked diffusion model needs:
 * the diffusion sampler (``custom_sampler``), with no token sampled on top of
   the canvas (``num_new_sampled_tokens_per_step = 0``);
 * Dream's one-position logit shift: the canvas logits are read from the hidden
-  states one position earlier (``logits_position_offset`` of the model class).
+  states one position earlier (``logits_position_offset`` of the model class);
+* with the DARE backend, the step's per-token reuse inputs (thresholds of each
+  request, and the tokens that must be recomputed: a request's first forwards,
+  refresh steps, tokens whose input id changed since the previous step).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from vllm.v1.worker.gpu.attn_utils import build_attn_metadata
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
+from vllm_dare.attention_backends.dare_attention import DareStepInputs
 from vllm_dare.model_executor.denoising.params import DenoisingDefaults
 from vllm_dare.model_executor.denoising.sampler import DenoisingSampler
 
@@ -34,12 +39,17 @@ class DenoisingModelState(DefaultModelState):
         self.logits_position_offset = getattr(model, "logits_position_offset", 0)
         self.sampler: DenoisingSampler | None = None
         self._slot_of: dict[str, int] = {}
+        self.dare_runtime = getattr(model, "dare_runtime", None)
+        # DARE bookkeeping per slot: input ids of the previous forward, forwards run.
+        self._prev_inputs: dict[int, torch.Tensor] = {}
+        self._forwards: dict[int, int] = {}
 
     def get_supported_generation_tasks(self):
         return ("generate",)
 
     def custom_sampler(self, sampler: Any):
         self.sampler = DenoisingSampler(sampler, self.defaults, self.device)
+        self.sampler.dare_runtime = self.dare_runtime
         return self.sampler, None
 
     def add_request(self, req_index: int, new_req_data) -> None:
@@ -51,11 +61,16 @@ class DenoisingModelState(DefaultModelState):
     def remove_request(self, req_id: str) -> None:
         super().remove_request(req_id)
         slot = self._slot_of.pop(req_id, None)
-        if slot is not None and self.sampler is not None:
-            self.sampler.remove_request(slot)
+        if slot is not None:
+            self._prev_inputs.pop(slot, None)
+            self._forwards.pop(slot, None)
+            if self.sampler is not None:
+                self.sampler.remove_request(slot)
 
     def prepare_inputs(self, input_batch, req_states) -> dict[str, Any]:
         inputs = super().prepare_inputs(input_batch, req_states)
+        if self.dare_runtime is not None:
+            self.dare_runtime.begin_step(self._dare_step(input_batch), input_batch.num_reqs)
         if self.logits_position_offset and input_batch.num_draft_tokens > 0:
             # Every logits row is a canvas position and every query starts at
             # position 0 with a non-empty prompt, so row - 1 stays inside the
@@ -64,6 +79,56 @@ class DenoisingModelState(DefaultModelState):
                 input_batch.logits_indices + self.logits_position_offset
             )
         return inputs
+
+    def prepare_dummy_inputs(self, num_reqs: int, num_tokens: int) -> dict[str, Any]:
+        if self.dare_runtime is not None:
+            self.dare_runtime.begin_step(None, 0)
+        return super().prepare_dummy_inputs(num_reqs, num_tokens)
+
+    def _dare_step(self, input_batch) -> DareStepInputs | None:
+        """Per-token DARE inputs of this forward (None for dummy batches)."""
+        if self.sampler is None:
+            return None
+        num_reqs = input_batch.num_reqs
+        T = input_batch.num_tokens
+        starts = input_batch.query_start_loc_np[: num_reqs + 1]
+        num_logits = np.diff(input_batch.cu_num_logits_np[: num_reqs + 1])
+        input_ids = input_batch.input_ids[:T]
+        force = torch.ones(T, dtype=torch.bool, device=self.device)
+        tau_kv = torch.zeros(T, dtype=torch.float32, device=self.device)
+        tau_o = torch.zeros(T, dtype=torch.float32, device=self.device)
+        kv_ref = torch.ones(T, dtype=torch.bool, device=self.device)
+        any_reuse = False
+        for i in range(num_reqs):
+            slot = int(input_batch.idx_mapping_np[i])
+            settings = self.sampler.dare_settings.get(slot)
+            if settings is None:
+                continue
+            a, b = int(starts[i]), int(starts[i + 1])
+            ids = input_ids[a:b]
+            prev = self._prev_inputs.get(slot)
+            self._prev_inputs[slot] = ids.clone()
+            forwards = self._forwards.get(slot, 0)
+            self._forwards[slot] = forwards + 1
+            kv_ref[a:b] = settings.reuses_kv
+            if not (settings.reuses_kv or settings.reuses_o):
+                continue
+            if num_logits[i] == 0 or prev is None or prev.shape != ids.shape:
+                continue  # prompt pass or first forward over the full sequence
+            if settings.refresh_interval and forwards % settings.refresh_interval == 0:
+                continue
+            state = self.sampler.states.get(slot)
+            if (
+                settings.refresh_at_block_start
+                and state is not None
+                and state.at_block_start()
+            ):
+                continue
+            force[a:b] = ids != prev  # tokens whose input changed
+            tau_kv[a:b] = settings.tau_kv if settings.reuses_kv else 0.0
+            tau_o[a:b] = settings.tau_o if settings.reuses_o else 0.0
+            any_reuse = True
+        return DareStepInputs(force, tau_kv, tau_o, kv_ref, any_reuse)
 
     def prepare_attn(
         self,

@@ -71,6 +71,8 @@ class DenoisingDefaults:
     temperature: float = 0.0
     top_p: float | None = None
     top_k: int | None = None
+    # Engine DARE settings (a DareSettings dict) when served with the DARE backend.
+    dare: dict | None = None
 
     @classmethod
     def from_generation_config(
@@ -79,6 +81,7 @@ class DenoisingDefaults:
         mask_token_id: int,
         canvas_length: int,
         generation_config: dict[str, Any],
+        dare: dict | None = None,
     ) -> DenoisingDefaults:
         values = {
             key: generation_config[key]
@@ -89,6 +92,7 @@ class DenoisingDefaults:
             family=family,
             mask_token_id=mask_token_id,
             canvas_length=canvas_length,
+            dare=dare,
             **values,
         )
         defaults.check()

@@ -34,6 +34,22 @@ def validate_request(sampling_params, defaults: DenoisingDefaults) -> None:
             "served by vllm-dare"
         )
     resolve_params(sampling_params.extra_args, sampling_params.max_tokens, defaults)
+    request_dare_settings(sampling_params.extra_args, defaults)
+
+
+def request_dare_settings(extra_args, defaults: DenoisingDefaults):
+    """The request's DARE settings, or None when the engine does not run DARE."""
+    from vllm_dare.attention_backends.dare_settings import DareSettings
+
+    uses_dare_keys = any(k.startswith("dare_") for k in (extra_args or {}))
+    if defaults.dare is None:
+        if uses_dare_keys:
+            raise ValueError(
+                "dare_* knobs need the DARE attention backend "
+                "(--attention-backend dare)"
+            )
+        return None
+    return DareSettings(**defaults.dare).for_request(extra_args)
 
 
 class _DenoisingRequestValidator(LogitsProcessor):

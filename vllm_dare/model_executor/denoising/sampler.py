@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from vllm_dare.attention_backends import dare_stats
+from vllm_dare.attention_backends.dare_settings import DareSettings
 from vllm_dare.model_executor.denoising.denoisers import Denoiser, make_denoiser
 from vllm_dare.model_executor.denoising.params import (
     CFG_TWIN_OWNER_KEY,
@@ -34,6 +36,7 @@ from vllm_dare.model_executor.denoising.params import (
     DenoisingDefaults,
     resolve_params,
 )
+from vllm_dare.model_executor.denoising.request_validation import request_dare_settings
 
 # The runner reads penalties_state.output_bin_counts; None means "no penalties".
 _NO_PENALTIES = SimpleNamespace(output_bin_counts=None)
@@ -45,6 +48,9 @@ class CfgTwin:
 
     owner_req_id: str
     canvas: torch.Tensor
+
+    def at_block_start(self) -> bool:
+        return False
 
     @property
     def gen_length(self) -> int:
@@ -60,6 +66,10 @@ class DenoisingSampler:
         self.defaults = defaults
         self.device = device
         self.states: dict[int, Denoiser | CfgTwin] = {}
+        # DARE (only with the DARE backend): settings and reuse counters per slot.
+        self.dare_settings: dict[int, DareSettings] = {}
+        self.dare_counts: dict[int, np.ndarray] = {}
+        self.dare_runtime = None  # set by the ModelState
         # Filled by the ModelState before add_request: slot <-> request id.
         self.req_id_of_slot: dict[int, str] = {}
         max_reqs = self.req_states.draft_tokens.shape[0]
@@ -78,10 +88,16 @@ class DenoisingSampler:
         denoiser = make_denoiser(params, self.defaults.mask_token_id, self.device)
         owner = extra.get(CFG_TWIN_OWNER_KEY)
         self.states[req_idx] = denoiser if owner is None else CfgTwin(owner, denoiser.canvas)
+        dare = request_dare_settings(extra, self.defaults)
+        if dare is not None:
+            self.dare_settings[req_idx] = dare
+            self.dare_counts[req_idx] = np.zeros(3, dtype=np.int64)
 
     def remove_request(self, req_idx: int) -> None:
         self.states.pop(req_idx, None)
         self.req_id_of_slot.pop(req_idx, None)
+        self.dare_settings.pop(req_idx, None)
+        self.dare_counts.pop(req_idx, None)
 
     def apply_staged_writes(self) -> None:
         self.sampling_states.apply_staged_writes()
@@ -104,10 +120,23 @@ class DenoisingSampler:
         def rows(i: int) -> torch.Tensor:
             return logits[int(row_start[i]) : int(row_start[i]) + int(num_logits[i])]
 
+        if self.dare_runtime is not None and self.dare_runtime.num_reqs == num_reqs:
+            step_counts = self.dare_runtime.request_counts.cpu().numpy()
+            dare_stats.record_layers(self.dare_runtime.layer_counts.cpu().numpy())
+            for i in range(num_reqs):
+                counts = self.dare_counts.get(int(slots[i]))
+                if counts is not None:
+                    counts += step_counts[i]
+
         def emit(i: int, canvas: torch.Tensor) -> None:
             sampled[i, : canvas.shape[0]] = canvas.to(torch.int32)
             num_sampled[i] = canvas.shape[0]
             num_rejected[i] = 0
+            counts = self.dare_counts.get(int(slots[i]))
+            if counts is not None:
+                dare_stats.finish_request(
+                    input_batch.req_ids[i], counts, self.dare_runtime.num_layers
+                )
 
         for i in range(num_reqs):
             slot = int(slots[i])

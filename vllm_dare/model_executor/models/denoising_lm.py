@@ -11,7 +11,18 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.utils import maybe_prefix
 
+from vllm_dare.attention_backends.dare_attention import DareRuntime
+from vllm_dare.attention_backends.dare_settings import DareSettings
 from vllm_dare.model_executor.denoising.model_state import DenoisingModelState
+
+
+def make_dare_runtime(vllm_config: VllmConfig, num_layers: int) -> DareRuntime | None:
+    """The shared DARE state of a model served with ``--attention-backend dare``."""
+    raw = getattr(vllm_config.model_config.hf_config, "dare_settings", None)
+    if raw is None:
+        return None
+    settings = DareSettings(**raw)
+    return DareRuntime(num_layers, settings.per_head, vllm_config.device_config.device)
 
 
 class DenoisingLM(nn.Module):
@@ -36,6 +47,10 @@ class DenoisingLM(nn.Module):
             prefix=maybe_prefix(prefix, "lm_head"),
         )
         self.logits_processor = LogitsProcessor(vocab_size)
+
+    @property
+    def dare_runtime(self) -> DareRuntime | None:
+        return self.model.dare_runtime
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)

@@ -14,23 +14,21 @@ import torch
 from torch import nn
 
 from vllm.config import CacheConfig, VllmConfig
-from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.activation import SiluAndMul
-from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
     MergedColumnParallelLinear,
-    QKVParallelLinear,
     RowParallelLinear,
 )
 from vllm.model_executor.layers.quantization import QuantizationConfig
-from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.utils import maybe_prefix
 
 from vllm_dare.configs import LLaDAConfig
-from vllm_dare.model_executor.models.denoising_lm import DenoisingLM
+from vllm_dare.attention_backends.dare_attention import DareRuntime
+from vllm_dare.model_executor.models.denoising_lm import DenoisingLM, make_dare_runtime
+from vllm_dare.model_executor.models.diffusion_attention import DiffusionSelfAttention
 
 
 class LLaDAMLP(nn.Module):
@@ -65,89 +63,31 @@ class LLaDAMLP(nn.Module):
         return x
 
 
-class LLaDAAttention(nn.Module):
-    def __init__(
-        self,
-        config: LLaDAConfig,
-        cache_config: CacheConfig | None = None,
-        quant_config: QuantizationConfig | None = None,
-        prefix: str = "",
-    ) -> None:
-        super().__init__()
-        tp_size = get_tensor_model_parallel_world_size()
-        self.total_num_heads = config.n_heads
-        self.total_num_kv_heads = config.n_kv_heads
-        assert self.total_num_heads % tp_size == 0
-        if self.total_num_kv_heads >= tp_size:
-            assert self.total_num_kv_heads % tp_size == 0
-        else:
-            assert tp_size % self.total_num_kv_heads == 0
-        self.num_heads = self.total_num_heads // tp_size
-        self.num_kv_heads = max(1, self.total_num_kv_heads // tp_size)
-        self.head_dim = config.d_model // self.total_num_heads
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-
-        self.qkv_proj = QKVParallelLinear(
-            config.d_model,
-            self.head_dim,
-            self.total_num_heads,
-            self.total_num_kv_heads,
-            bias=False,
-            quant_config=quant_config,
-            prefix=f"{prefix}.qkv_proj",
-        )
-        self.attn_out = RowParallelLinear(
-            self.total_num_heads * self.head_dim,
-            config.d_model,
-            bias=False,
-            quant_config=quant_config,
-            prefix=f"{prefix}.attn_out",
-        )
-        self.rope_full_precision = bool(config.rope_full_precision)
-        self.rotary_emb = get_rope(
-            self.head_dim,
-            max_position=config.max_sequence_length,
-            is_neox_style=True,
-            rope_parameters=config.rope_parameters,
-            dtype=torch.float32 if self.rope_full_precision else None,
-        )
-        self.attn = Attention(
-            self.num_heads,
-            self.head_dim,
-            self.head_dim**-0.5,
-            num_kv_heads=self.num_kv_heads,
-            cache_config=cache_config,
-            quant_config=quant_config,
-            prefix=f"{prefix}.attn",
-        )
-
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        qkv, _ = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.rope_full_precision:
-            dtype = q.dtype
-            q, k = self.rotary_emb(positions, q.float(), k.float())
-            q, k = q.to(dtype), k.to(dtype)
-        else:
-            q, k = self.rotary_emb(positions, q, k)
-        attn_output = self.attn(q, k, v)
-        output, _ = self.attn_out(attn_output)
-        return output
-
-
 class LLaDABlock(nn.Module):
     def __init__(
         self,
         config: LLaDAConfig,
+        layer_index: int,
+        dare_runtime: DareRuntime | None = None,
         cache_config: CacheConfig | None = None,
         quant_config: QuantizationConfig | None = None,
         prefix: str = "",
     ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(config.d_model, eps=config.rms_norm_eps)
-        self.self_attn = LLaDAAttention(
-            config, cache_config, quant_config, prefix=f"{prefix}.self_attn"
+        self.self_attn = DiffusionSelfAttention(
+            hidden_size=config.d_model,
+            num_heads=config.n_heads,
+            num_kv_heads=config.n_kv_heads,
+            rope_parameters=config.rope_parameters,
+            max_position=config.max_sequence_length,
+            qkv_bias=False,
+            rope_full_precision=bool(config.rope_full_precision),
+            layer_index=layer_index,
+            dare_runtime=dare_runtime,
+            cache_config=cache_config,
+            quant_config=quant_config,
+            prefix=f"{prefix}.self_attn",
         )
         self.ff_norm = RMSNorm(config.d_model, eps=config.rms_norm_eps)
         self.mlp = LLaDAMLP(
@@ -184,8 +124,12 @@ class LLaDAModel(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.embed_tokens",
         )
+        self.dare_runtime = make_dare_runtime(vllm_config, config.n_layers)
         self.layers = nn.ModuleList(
-            LLaDABlock(config, cache_config, quant_config, prefix=f"{prefix}.layers.{i}")
+            LLaDABlock(
+                config, i, self.dare_runtime, cache_config, quant_config,
+                prefix=f"{prefix}.layers.{i}",
+            )
             for i in range(config.n_layers)
         )
         self.norm = RMSNorm(config.d_model, eps=config.rms_norm_eps)
@@ -214,7 +158,7 @@ _BLOCK_WEIGHTS: dict[str, tuple[str, str | int | None]] = {
     "q_proj": ("self_attn.qkv_proj", "q"),
     "k_proj": ("self_attn.qkv_proj", "k"),
     "v_proj": ("self_attn.qkv_proj", "v"),
-    "attn_out": ("self_attn.attn_out", None),
+    "attn_out": ("self_attn.o_proj", None),
     "attn_norm": ("attn_norm", None),
     "ff_norm": ("ff_norm", None),
     "ff_proj": ("mlp.gate_up_proj", 0),
@@ -228,15 +172,25 @@ _TOP_WEIGHTS = {
 }
 
 
-def _checkpoint_to_param(name: str) -> tuple[str, str | int | None]:
+# With the DARE backend q is its own layer and k/v are fused (kv_proj).
+_DARE_BLOCK_WEIGHTS = {
+    **_BLOCK_WEIGHTS,
+    "q_proj": ("self_attn.q_proj", None),
+    "k_proj": ("self_attn.kv_proj", 0),
+    "v_proj": ("self_attn.kv_proj", 1),
+}
+
+
+def _checkpoint_to_param(name: str, dare: bool) -> tuple[str, str | int | None]:
     """Map an official LLaDA tensor name to (parameter name, shard id)."""
     if name in _TOP_WEIGHTS:
         return _TOP_WEIGHTS[name], None
     prefix = "model.transformer.blocks."
+    table = _DARE_BLOCK_WEIGHTS if dare else _BLOCK_WEIGHTS
     if name.startswith(prefix):
         layer, module, suffix = name[len(prefix):].split(".", 2)
-        if module in _BLOCK_WEIGHTS:
-            target, shard = _BLOCK_WEIGHTS[module]
+        if module in table:
+            target, shard = table[module]
             return f"model.layers.{layer}.{target}.{suffix}", shard
     raise ValueError(f"unexpected tensor in LLaDA checkpoint: {name}")
 
@@ -271,8 +225,9 @@ class LLaDAModelLM(DenoisingLM):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+        dare = self.dare_runtime is not None
         for checkpoint_name, tensor in weights:
-            name, shard = _checkpoint_to_param(checkpoint_name)
+            name, shard = _checkpoint_to_param(checkpoint_name, dare)
             param = params[name]
             loader = getattr(param, "weight_loader", default_weight_loader)
             if shard is None:

@@ -1,0 +1,115 @@
+"""The DARE backend in the engine: with nothing reused it equals exact mode token
+for token; with reuse on it is deterministic, really skips work (counted per
+request), and honours per-request overrides; bad DARE knobs are rejected."""
+
+from __future__ import annotations
+
+import pytest
+from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
+
+from vllm_dare.reference import dream_generate, llada_generate, load_reference_model
+
+PROMPTS = ["hello world", "12+34=", "a much longer prompt that spans several dozen tokens", "x"]
+
+
+def _dare(engines, path, mode="kv+o", tau=0.05, **extra):
+    config = {"dare": {"mode": mode, "tau_kv": tau, "tau_o": tau, **extra}}
+    return engines.get(path, attention_backend="dare", additional_config=config)
+
+
+def _run(llm, ids, max_tokens, extra):
+    params = SamplingParams(max_tokens=max_tokens, extra_args=extra, ignore_eos=True)
+    return llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
+
+
+@pytest.mark.parametrize("mode,tau", [("off", 0.05), ("kv+o", 0.0)])
+def test_llada_nothing_reused_equals_exact(engines, tiny_llada, mode, tau):
+    llm = _dare(engines, tiny_llada, mode, tau)
+    ref = load_reference_model(tiny_llada)
+    ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
+    outs = _run(llm, ids, 16, {"dllm_steps": 16, "dllm_block_length": 8})
+    for prompt, out in zip(ids, outs):
+        want = llada_generate(ref.logits, prompt, ref.spec.mask_token_id, 16, 16, 8)
+        assert list(out.outputs[0].token_ids) == want
+        stats = out.kv_transfer_params["dare"]
+        assert stats["kv_reused"] == stats["o_reused"] == 0
+        assert stats["token_layers"] > 0
+
+
+def test_llada_reuse_is_deterministic_and_counted(engines, tiny_llada):
+    llm = _dare(engines, tiny_llada, "kv+o", 0.05)
+    ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
+    extra = {"dllm_steps": 16, "dllm_block_length": 8}
+    first = _run(llm, ids, 16, extra)
+    second = _run(llm, ids, 16, extra)
+    assert [o.outputs[0].token_ids for o in first] == [o.outputs[0].token_ids for o in second]
+    for out in first:
+        stats = out.kv_transfer_params["dare"]
+        assert 0 < stats["kv_reused"] < stats["token_layers"]
+        assert 0 < stats["o_reused"] < stats["token_layers"]
+        assert stats["kv_reuse_fraction"] == stats["kv_reused"] / stats["token_layers"]
+
+
+def test_per_request_overrides(engines, tiny_llada):
+    llm = _dare(engines, tiny_llada, "kv+o", 0.05)
+    ref = load_reference_model(tiny_llada)
+    ids = [llm.get_tokenizer().encode(p) for p in PROMPTS[:2]]
+    base = {"dllm_steps": 16, "dllm_block_length": 8}
+    off = _run(llm, ids, 16, {**base, "dare_mode": "off"})
+    for prompt, out in zip(ids, off):
+        assert list(out.outputs[0].token_ids) == llada_generate(
+            ref.logits, prompt, ref.spec.mask_token_id, 16, 16, 8
+        )
+        assert out.kv_transfer_params["dare"]["kv_reused"] == 0
+    kv_only = _run(llm, ids, 16, {**base, "dare_mode": "kv"})
+    for out in kv_only:
+        stats = out.kv_transfer_params["dare"]
+        assert stats["kv_reused"] > 0 and stats["o_reused"] == 0
+    o_only = _run(llm, ids, 16, {**base, "dare_mode": "o", "dare_tau_o": 0.2})
+    for out in o_only:
+        stats = out.kv_transfer_params["dare"]
+        assert stats["o_reused"] > 0 and stats["kv_reused"] == 0
+    # A refresh every step leaves nothing to reuse.
+    refreshed = _run(llm, ids, 16, {**base, "dare_refresh_interval": 1})
+    assert all(o.kv_transfer_params["dare"]["kv_reused"] == 0 for o in refreshed)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"dare_mode": "sometimes"}, "dare mode must be one of"),
+        ({"dare_tau_kv": -1}, "dare tau_kv must be a number >= 0"),
+        ({"dare_refresh_interval": 1.5}, "refresh_interval must be an integer"),
+        ({"dare_tau": 0.1}, "unknown DARE knob 'dare_tau'"),
+    ],
+)
+def test_bad_dare_knobs_are_rejected(engines, tiny_llada, extra, message):
+    llm = _dare(engines, tiny_llada, "kv+o", 0.05)
+    with pytest.raises(VLLMValidationError, match=message):
+        llm.generate("hi", SamplingParams(max_tokens=8, extra_args=extra), use_tqdm=False)
+    assert llm.generate("hi", SamplingParams(max_tokens=8), use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_dream_nothing_reused_equals_exact(engines, tiny_dream):
+    llm = _dare(engines, tiny_dream, "off")
+    ref = load_reference_model(tiny_dream)
+    ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
+    outs = _run(llm, ids, 16, {"dllm_steps": 16, "dllm_alg": "entropy"})
+    for prompt, out in zip(ids, outs):
+        want = dream_generate(ref.logits, prompt, ref.spec.mask_token_id, 16, 16, alg="entropy")
+        assert list(out.outputs[0].token_ids) == want
+
+
+def test_dream_reuse_runs_and_counts(engines, tiny_dream):
+    llm = _dare(engines, tiny_dream, "kv+o", 0.05)
+    ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
+    outs = _run(llm, ids, 16, {"dllm_steps": 16, "dllm_alg": "entropy"})
+    assert all(o.kv_transfer_params["dare"]["kv_reused"] > 0 for o in outs)
+
+
+def test_dare_knobs_need_the_dare_backend(llada_engine):
+    llm = llada_engine()
+    with pytest.raises(VLLMValidationError, match="need the DARE attention backend"):
+        llm.generate("hi", SamplingParams(max_tokens=8, extra_args={"dare_mode": "kv"}),
+                     use_tqdm=False)

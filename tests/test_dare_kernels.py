@@ -1,0 +1,143 @@
+"""DARE Triton kernels against their PyTorch twins (on CPU under the Triton
+interpreter; on a GPU when one is present): GQA and MHA, head dims 64/128, odd
+lengths, several requests, block sizes 16/32/128, all-reuse, no-reuse and random
+row selections."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from vllm_dare.attention_backends import torch_dare_ops, triton_dare_kernels
+from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
+from vllm_dare.attention_backends.triton_dare_kernels import (
+    paged_attention_rows_reference,
+    query_delta_reference,
+    write_rows_reference,
+)
+
+# Each implementation against the loop twins: the Triton kernels (interpreted on
+# CPU) and the vectorised PyTorch ops the CPU build runs.
+IMPLS = {"triton": triton_dare_kernels, "torch": torch_dare_ops}
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _batch(seq_lens, block_size, layout, seed, dtype=torch.float32):
+    """A paged cache holding random rows for requests of the given lengths, with
+    shuffled physical blocks, and the batch's slot mapping (tokens in order)."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_per_req = [(n + block_size - 1) // block_size for n in seq_lens]
+    num_blocks = sum(blocks_per_req) + 3
+    perm = torch.randperm(num_blocks, generator=g)
+    block_table = torch.zeros(len(seq_lens), max(blocks_per_req), dtype=torch.int32)
+    used = 0
+    for r, nb in enumerate(blocks_per_req):
+        block_table[r, :nb] = perm[used : used + nb].to(torch.int32)
+        used += nb
+    cache = torch.randn(num_blocks * block_size, layout.width, generator=g).to(dtype)
+    slot_mapping = torch.cat([
+        block_table[r, torch.arange(n) // block_size].long() * block_size
+        + torch.arange(n) % block_size
+        for r, n in enumerate(seq_lens)
+    ])
+    token_req = torch.cat([torch.full((n,), r) for r, n in enumerate(seq_lens)])
+    return (cache.to(DEVICE), block_table.to(DEVICE), slot_mapping.to(DEVICE),
+            token_req.to(DEVICE), g)
+
+
+def _selection(kind, T, g):
+    if kind == "none":  # everything reused: nothing computed
+        return torch.zeros(0, dtype=torch.int64)
+    if kind == "all":  # nothing reused
+        return torch.arange(T)
+    return torch.nonzero(torch.rand(T, generator=g) < 0.3).squeeze(-1)
+
+
+HEADS = [(4, 4, 64), (8, 2, 64), (4, 1, 128)]  # (heads, kv heads, head_dim): MHA, GQA, MQA
+ALL_CASES = list(itertools.product(HEADS, [16, 32, 128], ["none", "all", "random"]))
+CASES = [(impl, *c) for impl in IMPLS for c in ALL_CASES]
+
+
+@pytest.mark.parametrize("impl,heads,block_size,selection", CASES)
+def test_paged_attention_rows_matches_twin(impl, heads, block_size, selection):
+    H, Hkv, D = heads
+    layout = DareCacheLayout(H, Hkv, D)
+    seq_lens = [19, 3, 34]  # odd lengths, several requests
+    cache, block_table, _, token_req, g = _batch(seq_lens, block_size, layout, seed=H + block_size)
+    T = sum(seq_lens)
+    q = torch.randn(T, H, D, generator=g).to(DEVICE)
+    rows = _selection(selection, T, g).to(DEVICE)
+    seq = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    sentinel = 7.0
+    out = torch.full((T, H, D), sentinel, device=DEVICE)
+    want = out.clone()
+    args = (layout, block_table, seq, rows.to(torch.int32), token_req[rows].to(torch.int32))
+    IMPLS[impl].paged_attention_rows(q, cache, *args, out, block_size, D**-0.5)
+    paged_attention_rows_reference(q, cache, *args, want, block_size, D**-0.5)
+    torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+    # Rows that were not selected are not touched (their work is skipped).
+    untouched = torch.ones(T, dtype=torch.bool, device=DEVICE)
+    untouched[rows] = False
+    assert (out[untouched] == sentinel).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_paged_attention_rows_bf16(impl):
+    layout = DareCacheLayout(4, 2, 64)
+    cache, block_table, _, token_req, g = _batch([19, 33], 16, layout, 5, torch.bfloat16)
+    T = 52
+    q = torch.randn(T, 4, 64, generator=g).to(torch.bfloat16).to(DEVICE)
+    rows = torch.arange(0, T, 3, device=DEVICE)
+    seq = torch.tensor([19, 33], dtype=torch.int32, device=DEVICE)
+    out = torch.zeros(T, 4, 64, dtype=torch.bfloat16, device=DEVICE)
+    want = out.clone()
+    args = (layout, block_table, seq, rows.to(torch.int32), token_req[rows].to(torch.int32))
+    IMPLS[impl].paged_attention_rows(q, cache, *args, out, 16, 0.125)
+    paged_attention_rows_reference(q, cache, *args, want, 16, 0.125)
+    torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("selection", ["none", "all", "random"])
+@pytest.mark.parametrize("block_size", [16, 128])
+def test_write_rows_matches_twin(impl, selection, block_size):
+    layout = DareCacheLayout(8, 2, 64)
+    cache, _, slot_mapping, _, g = _batch([13, 40, 7], block_size, layout, seed=3)
+    T = 60
+    rows = _selection(selection, T, g).to(DEVICE)
+    before = cache.clone()
+    for offset, width in [(layout.k_offset, layout.kv_width), (layout.v_offset, layout.kv_width),
+                          (layout.o_offset, layout.q_width), (layout.qref_offset, layout.q_width)]:
+        src = torch.randn(rows.shape[0], width, generator=g).to(DEVICE)
+        got, want = cache.clone(), cache.clone()
+        IMPLS[impl].write_rows(src, rows.to(torch.int32), slot_mapping, got, offset)
+        write_rows_reference(src, rows, slot_mapping, want, offset)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # Slots of rows that were not selected keep their cached values.
+    untouched = torch.ones(T, dtype=torch.bool, device=DEVICE)
+    untouched[rows] = False
+    IMPLS[impl].write_rows(torch.zeros(rows.shape[0], layout.width, device=DEVICE),
+                           rows.to(torch.int32), slot_mapping, cache, 0)
+    assert torch.equal(cache[slot_mapping[untouched]], before[slot_mapping[untouched]])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("heads", [(4, 4, 64), (8, 2, 128)])
+def test_query_delta_matches_twin(impl, heads):
+    H, Hkv, D = heads
+    layout = DareCacheLayout(H, Hkv, D)
+    cache, _, slot_mapping, _, g = _batch([21, 9], 32, layout, seed=9)
+    T = 30
+    qref = cache[slot_mapping, layout.qref_offset : layout.qref_offset + H * D]
+    q = qref + 0.1 * torch.randn(T, H * D, generator=g).to(DEVICE)
+    q[:5] = qref[:5]  # unchanged queries: delta exactly 0
+    head, tok = IMPLS[impl].query_delta(q, slot_mapping, cache, layout)
+    head_ref, tok_ref = query_delta_reference(q, slot_mapping, cache, layout)
+    torch.testing.assert_close(head, head_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tok, tok_ref, rtol=1e-5, atol=1e-6)
+    assert (tok[:5] == 0).all() and (tok[5:] > 0).all()
+    # The relative change is what was injected: ||0.1 * noise|| / ||qref|| ~ 0.1.
+    assert 0.05 < float(tok[5:].median()) < 0.2

@@ -1,0 +1,1 @@
+"""The DARE attention backend and its Triton kernels."""

@@ -1,0 +1,182 @@
+"""The DARE attention backend (``--attention-backend dare``).
+
+Per layer it keeps, in vLLM's paged KV cache (sized and allocated by vLLM's KV cache
+manager through the layer's cache spec), four rows per token slot: K, V, the
+attention output O and the reference query Q_ref (``dare_cache_layout.py``). The
+reuse decision and the skipped work live in ``dare_attention.py`` and the Triton
+kernels of ``triton_dare_kernels.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import ClassVar
+
+import torch
+
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+
+from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
+
+
+@dataclass
+class DareMetadata:
+    num_actual_tokens: int
+    num_reqs: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor  # int32 [num_reqs]
+    block_table: torch.Tensor  # int32 [num_reqs, max_blocks]
+    slot_mapping: torch.Tensor  # int64 [num_tokens]
+    token_req: torch.Tensor  # int32 [num_tokens]: request of each token
+    causal: bool
+
+
+class DareMetadataBuilder(AttentionMetadataBuilder[DareMetadata]):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> DareMetadata:
+        m = common_attn_metadata
+        causal = m.causal
+        if isinstance(causal, torch.Tensor):
+            causal = bool(causal.any())
+        query_lens = m.query_start_loc_cpu[1:] - m.query_start_loc_cpu[:-1]
+        token_req = torch.repeat_interleave(
+            torch.arange(m.num_reqs, dtype=torch.int32), query_lens[: m.num_reqs]
+        ).to(m.query_start_loc.device, non_blocking=True)
+        return DareMetadata(
+            num_actual_tokens=m.num_actual_tokens,
+            num_reqs=m.num_reqs,
+            query_start_loc=m.query_start_loc,
+            seq_lens=m.seq_lens[: m.num_reqs].to(torch.int32),
+            block_table=m.block_table_tensor[: m.num_reqs].to(torch.int32),
+            slot_mapping=m.slot_mapping[: m.num_actual_tokens].to(torch.int64),
+            token_req=token_req,
+            causal=bool(causal),
+        )
+
+
+class DareAttentionImpl(AttentionImpl):
+    """Plain forward (every row recomputed) for callers that hand over full
+    Q/K/V through vLLM's ``Attention`` op. The models of this package call
+    ``dare_attention.dare_self_attention`` instead, which can skip work."""
+
+    def __init__(self, num_heads, head_size, scale, num_kv_heads=None, alibi_slopes=None,
+                 sliding_window=None, kv_cache_dtype="auto", logits_soft_cap=None,
+                 attn_type=AttentionType.DECODER, kv_sharing_target_layer_name=None, **kw):
+        if alibi_slopes is not None or sliding_window is not None or logits_soft_cap:
+            raise ValueError("DARE supports plain softmax attention only")
+        if attn_type != AttentionType.DECODER:
+            raise ValueError("DARE supports decoder self-attention only")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = scale
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.layout = DareCacheLayout(num_heads, self.num_kv_heads, head_size)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output=None,
+                output_scale=None, output_block_scale=None):
+        from vllm_dare.attention_backends.dare_attention import attend_all_rows
+
+        if attn_metadata is None:  # profiling run
+            return output.fill_(0) if output is not None else torch.zeros_like(query)
+        out = attend_all_rows(query, key, value, kv_cache, attn_metadata, self.layout,
+                              self.scale)
+        if output is None:
+            return out
+        output[: out.shape[0]].copy_(out.view(output[: out.shape[0]].shape))
+        return output
+
+
+class DareAttentionBackend(AttentionBackend):
+    """Backend for one query-to-KV head ratio (the cache rows hold O and Q_ref,
+    which have num_heads, not num_kv_heads, heads)."""
+
+    queries_per_kv: ClassVar[int] = 1
+    accept_output_buffer: bool = True
+    forward_includes_kv_cache_update: bool = True
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls():
+        return DareAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return DareMetadataBuilder
+
+    @classmethod
+    def supports_non_causal(cls) -> bool:
+        return True
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # Token-major block interiors: a token slot's rows are contiguous.
+        return (KVCacheLayout.LBNHC, KVCacheLayout.BLNHC)
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        # Per kv head and token: K and V (head_size each) plus this head's share
+        # of O and Q_ref (queries_per_kv * head_size each).
+        elements = 2 * spec.head_size * (1 + cls.queries_per_kv)
+        dtype_size = torch.tensor([], dtype=spec.dtype).element_size()
+        return replace(spec, state_content_bytes=elements * dtype_size)
+
+    @classmethod
+    def validate_configuration(cls, *args, **kwargs) -> list[str]:
+        return []
+
+
+@lru_cache(maxsize=None)
+def dare_backend_for(queries_per_kv: int) -> type[DareAttentionBackend]:
+    return type(
+        f"DareAttentionBackend_{queries_per_kv}",
+        (DareAttentionBackend,),
+        {"queries_per_kv": queries_per_kv, "__module__": __name__},
+    )
+
+
+def __getattr__(name: str):
+    prefix = "DareAttentionBackend_"
+    if name.startswith(prefix):
+        return dare_backend_for(int(name[len(prefix):]))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def slot_rows(kv_cache: torch.Tensor, layout: DareCacheLayout, dtype: torch.dtype) -> torch.Tensor:
+    """View a layer's cache as ``[num_slots, layout.width]`` rows of ``dtype``.
+
+    vLLM hands the layer a logical ``[num_blocks, num_kv_heads, block_size, C]`` view
+    whose physical order is token-major (LBNHC/BLNHC), so each token slot is one
+    contiguous run of ``num_kv_heads * C`` bytes.
+    """
+    t = kv_cache.permute(0, 2, 1, 3)  # [B, N, H, C]
+    num_blocks, block_size = t.shape[0], t.shape[1]
+    if t.dtype != dtype:
+        t = t.view(torch.uint8) if t.dtype != torch.uint8 else t
+        t = t.view(dtype)
+    rows = t.reshape(num_blocks * block_size, -1)
+    assert rows.shape[1] == layout.width, (rows.shape, layout.width)
+    return rows

@@ -1,0 +1,85 @@
+"""DARE knobs: engine defaults (``--additional-config '{"dare": {...}}'``) and
+per-request overrides (``SamplingParams.extra_args``: ``dare_mode``, ``dare_tau_kv``,
+``dare_tau_o``, ``dare_refresh_interval``).
+
+* ``mode`` -- ``off`` (recompute everything; equals exact mode), ``kv`` (reuse
+  keys/values), ``o`` (reuse attention outputs), ``kv+o`` (both).
+* ``tau_kv`` / ``tau_o`` -- reuse a token's K/V (O) when its query delta is at most
+  this; 0 disables that reuse.
+* ``refresh_interval`` -- recompute every token every N denoising steps (0: never);
+  LLaDA also refreshes at every block start when ``refresh_at_block_start``.
+* ``per_head`` (engine only) -- use the largest per-head delta instead of the
+  delta over all heads of the token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+MODES = ("off", "kv", "o", "kv+o")
+REQUEST_KEYS = ("dare_mode", "dare_tau_kv", "dare_tau_o", "dare_refresh_interval")
+ENGINE_KEYS = ("mode", "tau_kv", "tau_o", "refresh_interval", "refresh_at_block_start",
+               "per_head")
+
+
+@dataclass(frozen=True)
+class DareSettings:
+    mode: str = "kv+o"
+    tau_kv: float = 0.05
+    tau_o: float = 0.05
+    refresh_interval: int = 0
+    refresh_at_block_start: bool = True
+    per_head: bool = False
+
+    @property
+    def reuses_kv(self) -> bool:
+        return self.mode in ("kv", "kv+o") and self.tau_kv > 0
+
+    @property
+    def reuses_o(self) -> bool:
+        return self.mode in ("o", "kv+o") and self.tau_o > 0
+
+    def check(self) -> DareSettings:
+        if self.mode not in MODES:
+            raise ValueError(f"dare mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("tau_kv", "tau_o"):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value) or value < 0):
+                raise ValueError(f"dare {name} must be a number >= 0, got {value!r}")
+        if (isinstance(self.refresh_interval, bool) or not isinstance(self.refresh_interval, int)
+                or self.refresh_interval < 0):
+            raise ValueError(
+                f"dare refresh_interval must be an integer >= 0, got {self.refresh_interval!r}"
+            )
+        return self
+
+    @classmethod
+    def from_engine_config(cls, raw: dict[str, Any] | None) -> DareSettings:
+        raw = dict(raw or {})
+        unknown = set(raw) - set(ENGINE_KEYS)
+        if unknown:
+            raise ValueError(
+                f"unknown DARE setting(s) {sorted(unknown)} in additional_config['dare']; "
+                f"known: {', '.join(ENGINE_KEYS)}"
+            )
+        return cls(**raw).check()
+
+    def for_request(self, extra_args: dict[str, Any] | None) -> DareSettings:
+        """This engine's settings with the request's ``dare_*`` overrides."""
+        extra = extra_args or {}
+        overrides = {}
+        for key, value in extra.items():
+            if not key.startswith("dare_"):
+                continue
+            if key not in REQUEST_KEYS:
+                raise ValueError(
+                    f"unknown DARE knob {key!r}; known: {', '.join(REQUEST_KEYS)}"
+                )
+            overrides[key.removeprefix("dare_")] = value
+        return replace(self, **overrides).check() if overrides else self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,207 @@
+"""Train a small LLaDA- or Dream-architecture model on the project's tasks.
+
+Masked-diffusion objective (LLaDA SFT): per sequence a mask ratio t ~ U(eps, 1);
+every answer position (answer + EOS padding) is replaced by [MASK] with probability
+t; the loss is the cross-entropy on masked positions weighted by 1/t, averaged over
+answer positions. Prompt tokens are never masked. Dream reads position i's logits
+from hidden state i-1 (the reference forward applies that shift), so the same
+objective trains Dream's shifted head.
+
+The model is the pure-PyTorch reference (``vllm_dare.reference``) over tensors with
+the official checkpoint names, so the result is written with
+``vllm_dare.tools.tiny_checkpoint.write_checkpoint`` and loads in vLLM through the
+same code path as LLaDA-8B / Dream-7B. Reproducible from ``--seed``.
+
+    python -m vllm_dare.training.train llada vllm_dare/models/llada-tasks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from vllm_dare.reference.generation import dream_generate, llada_generate
+from vllm_dare.reference.modeling import ArchSpec, ReferenceDLLM
+from vllm_dare.tools.tiny_checkpoint import (
+    TinySize,
+    build_config,
+    random_weights,
+    write_checkpoint,
+    write_tokenizer,
+)
+from vllm_dare.training.tasks import TASKS, Example, held_out, is_correct, make_example
+
+
+def chat_tokenizer(family: str, workdir: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    write_tokenizer(family, workdir)
+    return PreTrainedTokenizerFast.from_pretrained(str(workdir))
+
+
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True,
+        return_dict=False,
+    )
+
+
+def answer_ids(tokenizer, answer: str, gen_length: int) -> list[int]:
+    ids = tokenizer.encode(answer, add_special_tokens=False)
+    assert len(ids) < gen_length, (answer, gen_length)
+    return ids + [tokenizer.eos_token_id] * (gen_length - len(ids))
+
+
+def make_batch(tokenizer, task: str, batch: int, rng: random.Random, exclude: set[str]):
+    spec = TASKS[task]
+    prompts, answers = [], []
+    while len(prompts) < batch:
+        ex = make_example(task, rng)
+        if ex.question in exclude:
+            continue
+        prompts.append(prompt_ids(tokenizer, ex.question))
+        answers.append(answer_ids(tokenizer, ex.answer, spec.gen_length))
+    return torch.tensor(prompts), torch.tensor(answers)
+
+
+def diffusion_loss(model: ReferenceDLLM, prompts, answers, mask_id: int, gen: torch.Generator):
+    B, P = prompts.shape
+    L = answers.shape[1]
+    t = torch.rand(B, 1, generator=gen) * (1 - 1e-3) + 1e-3
+    masked = torch.rand(B, L, generator=gen) < t
+    noisy = torch.where(masked, torch.full_like(answers, mask_id), answers)
+    logits = model.forward_logits(torch.cat([prompts, noisy], dim=1))[:, P:]
+    ce = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), answers.reshape(-1), reduction="none"
+    ).view(B, L)
+    return ((ce * masked) / t).sum() / (B * L)
+
+
+def decode_answer(tokenizer, canvas: list[int]) -> str:
+    eos = tokenizer.eos_token_id
+    if eos in canvas:
+        canvas = canvas[: canvas.index(eos)]
+    return tokenizer.decode(canvas, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def evaluate(model: ReferenceDLLM, tokenizer, family: str, examples: list[Example]) -> float:
+    """Exact-mode accuracy with the reference generation (one token per step)."""
+    correct = 0
+    for ex in examples:
+        L = TASKS[ex.task].gen_length
+        ids = prompt_ids(tokenizer, ex.question)
+        if family == "llada":
+            canvas = llada_generate(model.logits, ids, model.spec.mask_token_id, L, L, min(L, 8))
+        else:
+            canvas = dream_generate(model.logits, ids, model.spec.mask_token_id, L, L,
+                                    alg="maskgit_plus")
+        correct += is_correct(ex, decode_answer(tokenizer, canvas))
+    return correct / len(examples)
+
+
+def train(args) -> None:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    rng = random.Random(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    workdir = Path(args.out)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer = chat_tokenizer(args.family, workdir)
+
+    size = TinySize(
+        hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads,
+        num_kv_heads=args.kv_heads, intermediate_size=args.intermediate_size,
+        max_length=512,
+    )
+    config = build_config(args.family, size)
+    weights = {k: v.float().requires_grad_() for k, v in
+               random_weights(args.family, config, args.seed, torch.float32).items()}
+    # Standard init scale for training (the random test weights are spread wider).
+    with torch.no_grad():
+        for name, w in weights.items():
+            if w.dim() == 2:
+                w.mul_(0.5 if ("wte" in name or "embed" in name) else 1.0)
+    model = ReferenceDLLM(ArchSpec.from_config(config), weights)
+    params = list(weights.values())
+    print(f"{args.family}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters")
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05
+    )
+    heldout = {task: held_out(task) for task in TASKS}
+    exclude = {ex.question for exs in heldout.values() for ex in exs}
+    task_names = list(TASKS)
+    log = []
+    start = time.time()
+    accuracy: dict[str, float] = {}
+    for step in range(1, args.steps + 1):
+        task = task_names[step % len(task_names)]
+        prompts, answers = make_batch(tokenizer, task, args.batch, rng, exclude)
+        loss = diffusion_loss(model, prompts, answers, config["mask_token_id"], gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            print(f"step {step} loss {loss.item():.4f} {time.time() - start:.0f}s", flush=True)
+        if step % args.eval_every == 0 or step == args.steps:
+            accuracy = {t: evaluate(model, tokenizer, args.family, heldout[t][: args.eval_n])
+                        for t in task_names}
+            log.append({"step": step, "seconds": round(time.time() - start), **accuracy})
+            print("eval", json.dumps(log[-1]), flush=True)
+            if step >= args.min_steps and min(accuracy.values()) >= args.target:
+                break
+    # Final numbers on the whole held-out split.
+    accuracy = {t: evaluate(model, tokenizer, args.family, heldout[t]) for t in task_names}
+    minutes = (time.time() - start) / 60
+    final = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in weights.items()}
+    write_checkpoint(workdir, args.family, size, weights=final)
+    card = {
+        "family": args.family, "seed": args.seed, "steps": log[-1]["step"] if log else 0,
+        "train_minutes": round(minutes, 1), "size": size.__dict__,
+        "parameters": sum(p.numel() for p in params),
+        "heldout_exact_accuracy_reference_fp32": accuracy,
+        "heldout_examples_per_task": len(heldout[task_names[0]]),
+        "decoding": "greedy; LLaDA low_confidence, steps = gen_length, block 8; "
+                    "Dream maskgit_plus, steps = gen_length",
+        "gen_length": {t: s.gen_length for t, s in TASKS.items()},
+        "log": log, "command": " ".join(args.argv),
+    }
+    (workdir / "training.json").write_text(json.dumps(card, indent=2) + "\n")
+    print("final", json.dumps(accuracy))
+
+
+def main(argv=None) -> None:
+    import sys
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("family", choices=["llada", "dream"])
+    parser.add_argument("out")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--min-steps", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--hidden-size", type=int, default=192)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--kv-heads", type=int, default=None)
+    parser.add_argument("--intermediate-size", type=int, default=512)
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--eval-n", type=int, default=50)
+    parser.add_argument("--target", type=float, default=0.97)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    args.argv = ["python -m vllm_dare.training.train"] + (argv or sys.argv[1:])
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
