@@ -146,7 +146,13 @@ class DareAttentionBackend(AttentionBackend):
 
     @classmethod
     def validate_configuration(cls, *args, **kwargs) -> list[str]:
-        return []
+        # vllm-dare's models (LLaDA, Dream) take the DARE backend class directly and
+        # clear the engine-wide selection, so reaching vLLM's backend selection with
+        # "DARE" means another model asked for it.
+        return [
+            "the DARE backend (vllm-dare) serves LLaDA and Dream checkpoints only "
+            "(architectures LLaDAModelLM, DreamModel)"
+        ]
 
 
 @lru_cache(maxsize=None)

@@ -1,0 +1,156 @@
+"""Calibrate DARE's thresholds for a model on a prompt set.
+
+Runs the prompts once with nothing reused (the exact result) and once per candidate
+threshold (per-request overrides on one engine), and reports for each: the reuse
+fraction of K/V and O rows, token agreement with the exact outputs, and task
+accuracy where answers are checkable (the project's task set). The largest
+threshold whose agreement (and accuracy, if checkable) stays within the budget is
+written as an engine config:
+
+    python -m vllm_dare.tools.calibrate_dare --model PATH --out dare.json
+    vllm serve PATH --attention-backend dare --additional-config "$(cat dare.json)"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+
+def _task_prompts(tokenizer, n: int):
+    from vllm_dare.training.tasks import TASKS, held_out
+
+    prompts = []
+    for task, spec in TASKS.items():
+        for ex in held_out(task)[:n]:
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": ex.question}], add_generation_prompt=True,
+                tokenize=True, return_dict=False,
+            )
+            prompts.append((ids, spec.gen_length, ex))
+    return prompts
+
+
+def calibrate(args, llm=None) -> dict:
+    """Sweep ``args.taus``; ``llm`` (optional) is an engine started with the DARE
+    backend for ``args.model``."""
+    from vllm import LLM, SamplingParams
+
+    from vllm_dare.training.tasks import is_correct
+
+    if llm is None:
+        llm = LLM(
+            model=args.model, dtype=args.dtype, enforce_eager=True,
+            max_model_len=args.max_model_len, seed=0,
+            attention_backend="dare",
+            additional_config={"dare": {"mode": args.mode, "tau_kv": 0.0, "tau_o": 0.0}},
+        )
+    tok = llm.get_tokenizer()
+    if args.prompts:
+        lines = [p for p in Path(args.prompts).read_text().splitlines() if p.strip()]
+        items = [(tok.encode(p), args.max_tokens, None) for p in lines]
+    else:
+        items = _task_prompts(tok, args.per_task)
+
+    def run(tau: float):
+        params = []
+        for _, gen, _ in items:
+            extra = {"dare_tau_kv": tau, "dare_tau_o": tau, "dare_mode": args.mode}
+            if args.steps_per_token:
+                extra["dllm_steps"] = gen
+            params.append(SamplingParams(max_tokens=gen, extra_args=extra))
+        start = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": i} for i, _, _ in items], params, use_tqdm=False)
+        return outs, time.perf_counter() - start
+
+    exact, t_exact = run(0.0)
+    rows = []
+    for tau in args.taus:
+        outs, seconds = run(tau)
+        same = total = kv = o = tl = correct = checkable = 0
+        for (ids, gen, ex), ref, out in zip(items, exact, outs):
+            a, b = ref.outputs[0].token_ids, out.outputs[0].token_ids
+            n = max(len(a), len(b))
+            same += sum(x == y for x, y in zip(a, b))
+            total += n
+            stats = out.kv_transfer_params["dare"]
+            kv += stats["kv_reused"]
+            o += stats["o_reused"]
+            tl += stats["token_layers"]
+            if ex is not None:
+                checkable += 1
+                correct += is_correct(ex, out.outputs[0].text)
+        exact_acc = None
+        if checkable:
+            exact_acc = sum(
+                is_correct(ex, r.outputs[0].text) for (_, _, ex), r in zip(items, exact)
+            ) / checkable
+        rows.append({
+            "tau": tau, "kv_reuse": kv / tl, "o_reuse": o / tl,
+            "token_agreement": same / total if total else 1.0,
+            "accuracy": correct / checkable if checkable else None,
+            "exact_accuracy": exact_acc, "seconds": seconds, "exact_seconds": t_exact,
+        })
+    ok = [r for r in rows
+          if r["token_agreement"] >= args.min_agreement
+          and (r["accuracy"] is None or r["exact_accuracy"] - r["accuracy"] <= args.max_accuracy_drop)]
+    chosen = max(ok, key=lambda r: r["tau"]) if ok else None
+    return {
+        "model": args.model, "mode": args.mode, "prompts": len(items),
+        "min_agreement": args.min_agreement, "max_accuracy_drop": args.max_accuracy_drop,
+        "device": platform.machine(), "rows": rows,
+        "chosen_tau": chosen["tau"] if chosen else None,
+    }
+
+
+def write_config(report: dict, path: str) -> dict | None:
+    """Write the chosen thresholds as an engine config (``--additional-config``)."""
+    if report["chosen_tau"] is None:
+        return None
+    tau = report["chosen_tau"]
+    config = {"dare": {"mode": report["mode"], "tau_kv": tau, "tau_o": tau}}
+    Path(path).write_text(json.dumps(config) + "\n")
+    return config
+
+
+def main() -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--prompts", help="text file, one prompt a line (default: the task set)")
+    parser.add_argument("--per-task", type=int, default=30, help="held-out examples per task")
+    parser.add_argument("--max-tokens", type=int, default=32, help="generation length for --prompts")
+    parser.add_argument("--steps-per-token", action="store_true", default=True)
+    parser.add_argument("--mode", default="kv+o", choices=["kv", "o", "kv+o"])
+    parser.add_argument("--taus", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
+    parser.add_argument("--min-agreement", type=float, default=0.99)
+    parser.add_argument("--max-accuracy-drop", type=float, default=0.01)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--out", default="dare.json", help="engine config to write")
+    parser.add_argument("--report", default=None, help="JSON report of the sweep")
+    args = parser.parse_args()
+    report = calibrate(args)
+    print(f"{'tau':>6} {'kv reuse':>9} {'o reuse':>8} {'agree':>7} {'acc':>6} {'exact acc':>9}")
+    for r in report["rows"]:
+        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        ex = "-" if r["exact_accuracy"] is None else f"{r['exact_accuracy']:.3f}"
+        print(f"{r['tau']:>6.3f} {r['kv_reuse']:>9.3f} {r['o_reuse']:>8.3f} "
+              f"{r['token_agreement']:>7.3f} {acc:>6} {ex:>9}")
+    config = write_config(report, args.out)
+    if config is None:
+        print("no threshold meets the budget; no config written")
+    else:
+        print(f"chosen tau {report['chosen_tau']}: wrote {args.out}: {json.dumps(config)}")
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
