@@ -109,8 +109,8 @@ def run(args) -> dict:
             out = torch.empty(T, H, D, dtype=dtype, device=device)
             ops.paged_attention_rows(q.view(T, H, D), cache, layout, block_table, seq_lens,
                                      r32, token_req[rows], out, bs, scale)
-            out[reused] = cache[slot_mapping[reused], layout.o_offset : layout.o_offset + H * D
-                                ].view(-1, H, D)
+            o_cols = cache[:, layout.o_offset : layout.o_offset + H * D]
+            out[reused] = o_cols.index_select(0, slot_mapping[reused]).view(-1, H, D)
             ops.write_rows(out.view(T, H * D)[rows], r32, slot_mapping, cache, layout.o_offset)
             return out.view(T, H * D) @ w_o.T
 

@@ -150,7 +150,8 @@ def dare_self_attention(
                          out, block_size, scale)
     reused_o = all_rows[~recompute_o]
     if reused_o.numel():
-        cached = cache[meta.slot_mapping[reused_o], layout.o_offset : layout.o_offset + layout.q_width]
+        o_cols = cache[:, layout.o_offset : layout.o_offset + layout.q_width]
+        cached = o_cols.index_select(0, meta.slot_mapping[reused_o])
         out[reused_o] = cached.view(-1, layout.num_heads, layout.head_dim)
     if o_rows.numel():
         write_rows(out.view(T, layout.q_width)[o_rows], o_rows32, meta.slot_mapping, cache,

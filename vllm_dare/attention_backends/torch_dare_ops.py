@@ -27,9 +27,10 @@ def paged_attention_rows(
         n = int(seq_lens[req])
         pos = torch.arange(n, device=cache.device)
         slots = block_table[req, pos // block_size].long() * block_size + pos % block_size
-        rows = cache[slots]
-        k = rows[:, layout.k_offset : layout.k_offset + Hkv * D].view(n, Hkv, 1, D)
-        v = rows[:, layout.v_offset : layout.v_offset + Hkv * D].view(n, Hkv, 1, D)
+        # Gather the K and V columns only (a slot row also holds O and Q_ref).
+        kv = cache[:, layout.k_offset : layout.v_offset + Hkv * D].index_select(0, slots)
+        k = kv[:, : Hkv * D].view(n, Hkv, 1, D)
+        v = kv[:, Hkv * D :].view(n, Hkv, 1, D)
         qr = q[tokens].view(-1, Hkv, group, D)  # [R, Hkv, G, D]
         scores = torch.einsum("rkgd,nkgd->rkgn", qr.float(), k.float()) * scale
         probs = torch.softmax(scores, dim=-1)
@@ -46,7 +47,9 @@ def write_rows(src, rows, slot_mapping, cache, col_offset: int) -> None:
 
 def query_delta(q, slot_mapping, cache, layout: DareCacheLayout, eps: float = 1e-6):
     T, H, D = q.shape[0], layout.num_heads, layout.head_dim
-    ref = cache[slot_mapping.long(), layout.qref_offset : layout.qref_offset + H * D]
+    ref = cache[:, layout.qref_offset : layout.qref_offset + H * D].index_select(
+        0, slot_mapping.long()
+    )
     qf, rf = q.float().view(T, H, D), ref.float().view(T, H, D)
     diff = (qf - rf).pow(2).sum(-1)
     norm = rf.pow(2).sum(-1)
