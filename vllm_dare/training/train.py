@@ -140,8 +140,9 @@ def train(args) -> None:
     log = []
     start = time.time()
     accuracy: dict[str, float] = {}
+    weights_by_task = [args.task_weights.get(t, 1.0) for t in task_names]
     for step in range(1, args.steps + 1):
-        task = task_names[step % len(task_names)]
+        task = rng.choices(task_names, weights=weights_by_task)[0]
         prompts, answers = make_batch(tokenizer, task, args.batch, rng, exclude)
         loss = diffusion_loss(model, prompts, answers, config["mask_token_id"], gen)
         opt.zero_grad(set_to_none=True)
@@ -156,26 +157,33 @@ def train(args) -> None:
                         for t in task_names}
             log.append({"step": step, "seconds": round(time.time() - start), **accuracy})
             print("eval", json.dumps(log[-1]), flush=True)
+            save(workdir, args, size, weights, params, log, accuracy, start, final=False)
             if step >= args.min_steps and min(accuracy.values()) >= args.target:
                 break
     # Final numbers on the whole held-out split.
     accuracy = {t: evaluate(model, tokenizer, args.family, heldout[t]) for t in task_names}
-    minutes = (time.time() - start) / 60
-    final = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in weights.items()}
-    write_checkpoint(workdir, args.family, size, weights=final)
+    save(workdir, args, size, weights, params, log, accuracy, start, final=True)
+    print("final", json.dumps(accuracy))
+
+
+def save(workdir, args, size, weights, params, log, accuracy, start, final: bool) -> None:
+    """Write the checkpoint (bf16, official names) and its training card."""
+    final_weights = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in weights.items()}
+    write_checkpoint(workdir, args.family, size, weights=final_weights)
     card = {
         "family": args.family, "seed": args.seed, "steps": log[-1]["step"] if log else 0,
-        "train_minutes": round(minutes, 1), "size": size.__dict__,
+        "train_minutes": round((time.time() - start) / 60, 1), "size": size.__dict__,
         "parameters": sum(p.numel() for p in params),
         "heldout_exact_accuracy_reference_fp32": accuracy,
-        "heldout_examples_per_task": len(heldout[task_names[0]]),
+        "accuracy_on": "the full held-out split (200 per task)" if final
+        else f"the first {args.eval_n} held-out examples per task (training in progress)",
         "decoding": "greedy; LLaDA low_confidence, steps = gen_length, block 8; "
                     "Dream maskgit_plus, steps = gen_length",
         "gen_length": {t: s.gen_length for t, s in TASKS.items()},
+        "task_weights": args.task_weights,
         "log": log, "command": " ".join(args.argv),
     }
     (workdir / "training.json").write_text(json.dumps(card, indent=2) + "\n")
-    print("final", json.dumps(accuracy))
 
 
 def main(argv=None) -> None:
@@ -198,6 +206,8 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-n", type=int, default=50)
     parser.add_argument("--target", type=float, default=0.97)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--task-weights", type=json.loads, default={},
+                        help='sampling weight per task, e.g. \'{"add": 3}\' (default 1 each)')
     args = parser.parse_args(argv)
     args.argv = ["python -m vllm_dare.training.train"] + (argv or sys.argv[1:])
     train(args)

@@ -11,147 +11,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch import nn
 
-from vllm.config import CacheConfig, VllmConfig
-from vllm.model_executor.layers.activation import SiluAndMul
-from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.layers.linear import (
-    MergedColumnParallelLinear,
-    RowParallelLinear,
-)
-from vllm.model_executor.layers.quantization import QuantizationConfig
-from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from vllm.config import VllmConfig
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.utils import maybe_prefix
 
 from vllm_dare.configs import LLaDAConfig
-from vllm_dare.attention_backends.dare_attention import DareRuntime
-from vllm_dare.model_executor.models.denoising_lm import DenoisingLM, make_dare_runtime
+from vllm_dare.model_executor.models.denoising_lm import DenoisingLM
 from vllm_dare.model_executor.models.diffusion_attention import DiffusionSelfAttention
-
-
-class LLaDAMLP(nn.Module):
-    def __init__(
-        self,
-        hidden_size: int,
-        intermediate_size: int,
-        quant_config: QuantizationConfig | None = None,
-        prefix: str = "",
-    ) -> None:
-        super().__init__()
-        # Checkpoint: ff_proj is the gate (SiLU applied), up_proj the up projection.
-        self.gate_up_proj = MergedColumnParallelLinear(
-            hidden_size,
-            [intermediate_size] * 2,
-            bias=False,
-            quant_config=quant_config,
-            prefix=f"{prefix}.gate_up_proj",
-        )
-        self.ff_out = RowParallelLinear(
-            intermediate_size,
-            hidden_size,
-            bias=False,
-            quant_config=quant_config,
-            prefix=f"{prefix}.ff_out",
-        )
-        self.act_fn = SiluAndMul()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up, _ = self.gate_up_proj(x)
-        x, _ = self.ff_out(self.act_fn(gate_up))
-        return x
-
-
-class LLaDABlock(nn.Module):
-    def __init__(
-        self,
-        config: LLaDAConfig,
-        layer_index: int,
-        dare_runtime: DareRuntime | None = None,
-        cache_config: CacheConfig | None = None,
-        quant_config: QuantizationConfig | None = None,
-        prefix: str = "",
-    ) -> None:
-        super().__init__()
-        self.attn_norm = RMSNorm(config.d_model, eps=config.rms_norm_eps)
-        self.self_attn = DiffusionSelfAttention(
-            hidden_size=config.d_model,
-            num_heads=config.n_heads,
-            num_kv_heads=config.n_kv_heads,
-            rope_parameters=config.rope_parameters,
-            max_position=config.max_sequence_length,
-            qkv_bias=False,
-            rope_full_precision=bool(config.rope_full_precision),
-            layer_index=layer_index,
-            dare_runtime=dare_runtime,
-            cache_config=cache_config,
-            quant_config=quant_config,
-            prefix=f"{prefix}.self_attn",
-        )
-        self.ff_norm = RMSNorm(config.d_model, eps=config.rms_norm_eps)
-        self.mlp = LLaDAMLP(
-            config.d_model, config.mlp_hidden_size, quant_config, prefix=f"{prefix}.mlp"
-        )
-
-    def forward(
-        self,
-        positions: torch.Tensor,
-        hidden_states: torch.Tensor,
-        residual: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.attn_norm(hidden_states)
-        else:
-            hidden_states, residual = self.attn_norm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
-        hidden_states, residual = self.ff_norm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
-
-
-class LLaDAModel(nn.Module):
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__()
-        config: LLaDAConfig = vllm_config.model_config.hf_config
-        config.validate_architecture()
-        cache_config = vllm_config.cache_config
-        quant_config = vllm_config.quant_config
-        self.config = config
-        self.embed_tokens = VocabParallelEmbedding(
-            config.embedding_size,
-            config.d_model,
-            quant_config=quant_config,
-            prefix=f"{prefix}.embed_tokens",
-        )
-        self.dare_runtime = make_dare_runtime(vllm_config, config.n_layers)
-        self.layers = nn.ModuleList(
-            LLaDABlock(
-                config, i, self.dare_runtime, cache_config, quant_config,
-                prefix=f"{prefix}.layers.{i}",
-            )
-            for i in range(config.n_layers)
-        )
-        self.norm = RMSNorm(config.d_model, eps=config.rms_norm_eps)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        hidden_states = (
-            inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        )
-        residual = None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
-
+from vllm_dare.model_executor.models.diffusion_decoder import (
+    DiffusionBackbone,
+    DiffusionDecoderLayer,
+)
 
 # Checkpoint name (inside model.transformer.blocks.N.) -> (our name, shard id).
 _BLOCK_WEIGHTS: dict[str, tuple[str, str | int | None]] = {
@@ -159,25 +30,23 @@ _BLOCK_WEIGHTS: dict[str, tuple[str, str | int | None]] = {
     "k_proj": ("self_attn.qkv_proj", "k"),
     "v_proj": ("self_attn.qkv_proj", "v"),
     "attn_out": ("self_attn.o_proj", None),
-    "attn_norm": ("attn_norm", None),
-    "ff_norm": ("ff_norm", None),
-    "ff_proj": ("mlp.gate_up_proj", 0),
+    "attn_norm": ("input_layernorm", None),
+    "ff_norm": ("post_attention_layernorm", None),
+    "ff_proj": ("mlp.gate_up_proj", 0),  # the gate (SiLU applied to it)
     "up_proj": ("mlp.gate_up_proj", 1),
-    "ff_out": ("mlp.ff_out", None),
+    "ff_out": ("mlp.down_proj", None),
 }
-_TOP_WEIGHTS = {
-    "model.transformer.wte.weight": "model.embed_tokens.weight",
-    "model.transformer.ln_f.weight": "model.norm.weight",
-    "model.transformer.ff_out.weight": "lm_head.weight",
-}
-
-
 # With the DARE backend q is its own layer and k/v are fused (kv_proj).
 _DARE_BLOCK_WEIGHTS = {
     **_BLOCK_WEIGHTS,
     "q_proj": ("self_attn.q_proj", None),
     "k_proj": ("self_attn.kv_proj", 0),
     "v_proj": ("self_attn.kv_proj", 1),
+}
+_TOP_WEIGHTS = {
+    "model.transformer.wte.weight": "model.embed_tokens.weight",
+    "model.transformer.ln_f.weight": "model.norm.weight",
+    "model.transformer.ff_out.weight": "lm_head.weight",
 }
 
 
@@ -208,19 +77,39 @@ class LLaDAModelLM(DenoisingLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         config: LLaDAConfig = vllm_config.model_config.hf_config
+        config.validate_architecture()
         self.config = config
-        self.model = LLaDAModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
-        self._init_lm_head(vllm_config, config.embedding_size, config.d_model, prefix)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate_tensors=None,
-        inputs_embeds: torch.Tensor | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        return self.model(input_ids, positions, inputs_embeds)
+        def make_layer(i, dare_runtime, layer_prefix):
+            attn = DiffusionSelfAttention(
+                hidden_size=config.d_model,
+                num_heads=config.n_heads,
+                num_kv_heads=config.n_kv_heads,
+                rope_parameters=config.rope_parameters,
+                max_position=config.max_sequence_length,
+                qkv_bias=False,
+                rope_full_precision=bool(config.rope_full_precision),
+                layer_index=i,
+                dare_runtime=dare_runtime,
+                cache_config=vllm_config.cache_config,
+                quant_config=vllm_config.quant_config,
+                prefix=f"{layer_prefix}.self_attn",
+            )
+            return DiffusionDecoderLayer(
+                attn, config.d_model, config.mlp_hidden_size, config.rms_norm_eps,
+                vllm_config.quant_config, prefix=layer_prefix,
+            )
+
+        self.model = DiffusionBackbone(
+            vllm_config=vllm_config,
+            prefix=maybe_prefix(prefix, "model"),
+            vocab_size=config.embedding_size,
+            hidden_size=config.d_model,
+            num_layers=config.n_layers,
+            rms_norm_eps=config.rms_norm_eps,
+            make_layer=make_layer,
+        )
+        self._init_lm_head(vllm_config, config.embedding_size, config.d_model, prefix)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())
