@@ -1,0 +1,106 @@
+"""End-to-end generation time of the DARE backend vs. the exact path.
+
+Runs one prompt batch through (1) the exact engine (vLLM's own attention backend),
+(2) the DARE backend with nothing reused (mode off) and (3) the DARE backend at each
+threshold (per-request overrides on one engine), and reports wall time, its ratio to
+exact measured in the same run, reuse fractions and token agreement with exact.
+Prints a table and writes JSON with every setting.
+
+    .venv/bin/python benchmarks/dare_end_to_end.py --model PATH
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+
+def main() -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    from vllm_dare.default_model import default_model_path
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=default_model_path())
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--gen-length", type=int, default=64)
+    parser.add_argument("--block-length", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--taus", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.2])
+    parser.add_argument("--mode", default="kv+o", choices=["kv", "o", "kv+o"])
+    parser.add_argument("--out", default="benchmarks/results/dare_end_to_end_cpu.json")
+    args = parser.parse_args()
+
+    common = dict(model=args.model, dtype="float32", enforce_eager=True, seed=0,
+                  max_model_len=args.prompt_len + args.gen_length + 8,
+                  max_num_seqs=args.batch)
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    knobs = {"dllm_steps": args.steps, "dllm_block_length": args.block_length}
+
+    def params(extra=None):
+        return SamplingParams(max_tokens=args.gen_length, ignore_eos=True,
+                              extra_args={**knobs, **(extra or {})})
+
+    def timed(llm, prompts, p):
+        llm.generate(prompts[:1], p, use_tqdm=False)  # warm-up
+        start = time.perf_counter()
+        outs = llm.generate(prompts, p, use_tqdm=False)
+        return outs, time.perf_counter() - start
+
+    llm = LLM(**common)
+    tok = llm.get_tokenizer()
+    ids = tok.encode(text)[: args.prompt_len]
+    prompts = [{"prompt_token_ids": ids[i:] + ids[:i]} for i in range(args.batch)]
+    exact, t_exact = timed(llm, prompts, params())
+    del llm
+    gc.collect()
+    cleanup_dist_env_and_memory()
+
+    llm = LLM(**common, attention_backend="dare",
+              additional_config={"dare": {"mode": args.mode, "tau_kv": 0.0, "tau_o": 0.0}})
+    rows = []
+    for tau in [0.0] + args.taus:
+        extra = {"dare_tau_kv": tau, "dare_tau_o": tau} if tau else {"dare_mode": "off"}
+        outs, seconds = timed(llm, prompts, params(extra))
+        same = sum(
+            a == b for r, o in zip(exact, outs)
+            for a, b in zip(r.outputs[0].token_ids, o.outputs[0].token_ids)
+        )
+        total = sum(len(r.outputs[0].token_ids) for r in exact)
+        tl = sum(o.kv_transfer_params["dare"]["token_layers"] for o in outs)
+        kv = sum(o.kv_transfer_params["dare"]["kv_reused"] for o in outs)
+        ov = sum(o.kv_transfer_params["dare"]["o_reused"] for o in outs)
+        rows.append({"tau": tau, "seconds": seconds, "exact_seconds": t_exact,
+                     "speedup_vs_exact": t_exact / seconds, "kv_reuse": kv / tl,
+                     "o_reuse": ov / tl, "token_agreement": same / total})
+    report = {
+        "benchmark": "dare_end_to_end", "model": args.model, "mode": args.mode,
+        "batch": args.batch, "prompt_len": args.prompt_len, "gen_length": args.gen_length,
+        "block_length": args.block_length, "steps": args.steps,
+        "device": f"CPU {platform.machine()} (vLLM CPU build)", "rows": rows,
+    }
+    print(f"DARE end to end: {args.model}, batch {args.batch}, prompt {args.prompt_len}, "
+          f"gen {args.gen_length}, block {args.block_length}, steps {args.steps}, "
+          f"mode {args.mode}, {report['device']}; exact {t_exact:.2f}s")
+    print(f"{'tau':>6} {'seconds':>8} {'vs exact':>9} {'kv reuse':>9} {'o reuse':>8} {'agree':>6}")
+    for r in rows:
+        print(f"{r['tau']:>6.2f} {r['seconds']:>8.2f} {r['speedup_vs_exact']:>8.2f}x "
+              f"{r['kv_reuse']:>9.3f} {r['o_reuse']:>8.3f} {r['token_agreement']:>6.3f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
