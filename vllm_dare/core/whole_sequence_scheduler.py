@@ -198,9 +198,13 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
                 if twin in self.requests:
                     super().finish_requests([twin], RequestStatus.FINISHED_ABORTED)
         for engine_outputs in outputs.values():
-            engine_outputs.outputs = [
-                o for o in engine_outputs.outputs if not is_cfg_twin(o.request_id)
-            ]
+            kept = []
+            for o in engine_outputs.outputs:
+                if not is_cfg_twin(o.request_id):
+                    kept.append(o)
+                elif o.finish_reason is not None:
+                    dare_stats.take_request(o.request_id)  # the twin's counts
+            engine_outputs.outputs = kept
             for output in engine_outputs.outputs:
                 if output.finish_reason is not None:
                     stats = dare_stats.take_request(output.request_id)
