@@ -72,6 +72,14 @@ class DenoisingEngineConfig(VerifyAndUpdateConfig):
                 f"({SCHEDULER_CLS}); got --scheduler-cls {scheduler_config.scheduler_cls}"
             )
 
+        # Every diffusion batch holds whole sequences (prefill-shaped), so CUDA
+        # graphs would never be replayed; capturing them would only cost start-up.
+        from vllm.config.compilation import CUDAGraphMode
+
+        compilation_config = vllm_config.compilation_config
+        if compilation_config.cudagraph_mode is None:
+            compilation_config.cudagraph_mode = CUDAGraphMode.NONE
+
         if cache_config.enable_prefix_caching:
             logger.info(
                 "%s: prefix caching disabled (bidirectional attention: a prompt's "
