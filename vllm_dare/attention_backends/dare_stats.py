@@ -1,13 +1,9 @@
-"""DARE reuse counters of the engine process.
+"""DARE reuse counters.
 
-Per layer: tokens processed, K/V rows reused, O rows reused, summed over all
-forwards. Per request (kept until the scheduler hands it to the request's output as
-``RequestOutput.kv_transfer_params["dare"]``): the same three counts summed over
-layers and steps, and the derived reuse fractions.
-
-The worker and the scheduler share this module when they share a process (vLLM's
-single-process executor: one GPU, or the CPU build); with tensor parallelism the
-workers run in their own processes and per-request figures are not attached.
+Per layer, in the engine process: tokens processed, K/V rows reused, O rows reused,
+summed over all forwards (``layer_totals``). Per request the sampler sums the same
+counts over layers and steps and reports ``summarize(counts)`` through
+``vllm_dare.request_stats`` (``RequestOutput.kv_transfer_params["dare"]``).
 """
 
 from __future__ import annotations
@@ -22,7 +18,6 @@ logger = init_logger(__name__)
 
 _lock = threading.Lock()
 _layer_totals: np.ndarray | None = None
-_finished: dict[str, dict] = {}
 
 
 def record_layers(step_counts: np.ndarray) -> None:
@@ -48,18 +43,3 @@ def summarize(counts: np.ndarray) -> dict:
         "kv_reuse_fraction": kv / tokens if tokens else 0.0,
         "o_reuse_fraction": o / tokens if tokens else 0.0,
     }
-
-
-def finish_request(req_id: str, counts: np.ndarray, num_layers: int) -> None:
-    stats = summarize(counts)
-    stats["num_layers"] = num_layers
-    logger.debug("DARE request %s: %s", req_id, stats)
-    with _lock:
-        _finished[req_id] = stats
-        if len(_finished) > 100_000:  # results nobody collected
-            _finished.pop(next(iter(_finished)))
-
-
-def take_request(req_id: str) -> dict | None:
-    with _lock:
-        return _finished.pop(req_id, None)

@@ -37,7 +37,7 @@ from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.outputs import DraftTokenIds
 from vllm.v1.request import Request, RequestStatus
 
-from vllm_dare.attention_backends import dare_stats
+from vllm_dare import request_stats
 from vllm_dare.model_executor.denoising.params import (
     CFG_TWIN_OWNER_KEY,
     CFG_TWIN_SUFFIX,
@@ -203,14 +203,14 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
                 if not is_cfg_twin(o.request_id):
                     kept.append(o)
                 elif o.finish_reason is not None:
-                    dare_stats.take_request(o.request_id)  # the twin's counts
+                    request_stats.take(o.request_id)  # the twin's figures
             engine_outputs.outputs = kept
             for output in engine_outputs.outputs:
                 if output.finish_reason is not None:
-                    stats = dare_stats.take_request(output.request_id)
+                    stats = request_stats.take(output.request_id)
                     if stats is not None:
                         output.kv_transfer_params = {
-                            **(output.kv_transfer_params or {}), "dare": stats
+                            **(output.kv_transfer_params or {}), **stats
                         }
             if engine_outputs.finished_requests:
                 engine_outputs.finished_requests = {

@@ -24,9 +24,14 @@ class Denoiser:
             (params.gen_length,), mask_token_id, dtype=torch.long, device=device
         )
         self.next_step = 0
+        self.steps_run = 0  # steps that ran a forward (skipped no-op steps excluded)
 
     def step(self, logits: torch.Tensor) -> bool:
         """Apply one step given ``logits [gen_length, vocab]``; True when done."""
+        self.steps_run += 1
+        return self._step(logits)
+
+    def _step(self, logits: torch.Tensor) -> bool:
         raise NotImplementedError
 
     def at_block_start(self) -> bool:
@@ -53,7 +58,7 @@ class LLaDADenoiser(Denoiser):
     def at_block_start(self) -> bool:
         return self.next_step % self.params.steps_per_block == 0
 
-    def step(self, logits: torch.Tensor) -> bool:
+    def _step(self, logits: torch.Tensor) -> bool:
         p = self.params
         block = self.next_step // p.steps_per_block
         k = self._count(self.next_step)
@@ -133,7 +138,7 @@ class DreamDenoiser(Denoiser):
             confidence = (probs * torch.log(probs + 1e-10)).sum(dim=-1)
         return confidence, tokens
 
-    def step(self, logits: torch.Tensor) -> bool:
+    def _step(self, logits: torch.Tensor) -> bool:
         p = self.params
         i = self.next_step
         masked = self.canvas == self.mask_token_id

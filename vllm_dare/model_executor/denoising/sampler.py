@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vllm_dare import request_stats
 from vllm_dare.attention_backends import dare_stats
 from vllm_dare.attention_backends.dare_settings import DareSettings
 from vllm_dare.model_executor.denoising.denoisers import Denoiser, make_denoiser
@@ -70,6 +71,8 @@ class DenoisingSampler:
         self.dare_settings: dict[int, DareSettings] = {}
         self.dare_counts: dict[int, np.ndarray] = {}
         self.dare_runtime = None  # set by the ModelState
+        # Model forwards that processed each slot's request (its NFE).
+        self.forwards: dict[int, int] = {}
         # Filled by the ModelState before add_request: slot <-> request id.
         self.req_id_of_slot: dict[int, str] = {}
         max_reqs = self.req_states.draft_tokens.shape[0]
@@ -98,6 +101,7 @@ class DenoisingSampler:
         self.req_id_of_slot.pop(req_idx, None)
         self.dare_settings.pop(req_idx, None)
         self.dare_counts.pop(req_idx, None)
+        self.forwards.pop(req_idx, None)
 
     def apply_staged_writes(self) -> None:
         self.sampling_states.apply_staged_writes()
@@ -132,17 +136,26 @@ class DenoisingSampler:
             sampled[i, : canvas.shape[0]] = canvas.to(torch.int32)
             num_sampled[i] = canvas.shape[0]
             num_rejected[i] = 0
-            counts = self.dare_counts.get(int(slots[i]))
+            slot, req_id = int(slots[i]), input_batch.req_ids[i]
+            state = self.states[slot]
+            request_stats.put(req_id, "dllm", {
+                "forwards": self.forwards.get(slot, 0),
+                "denoising_steps": getattr(state, "steps_run", 0),
+                "gen_length": int(canvas.shape[0]),
+            })
+            counts = self.dare_counts.get(slot)
             if counts is not None:
-                dare_stats.finish_request(
-                    input_batch.req_ids[i], counts, self.dare_runtime.num_layers
-                )
+                request_stats.put(req_id, "dare", {
+                    **dare_stats.summarize(counts),
+                    "num_layers": self.dare_runtime.num_layers,
+                })
 
         for i in range(num_reqs):
             slot = int(slots[i])
             state = self.states.get(slot)
             if state is None:  # dummy / profiling batch
                 continue
+            self.forwards[slot] = self.forwards.get(slot, 0) + 1
             # Everything computed this step is thrown away again: the next step
             # recomputes the whole sequence.
             computed_before = int(input_batch.num_computed_tokens_np[i])
