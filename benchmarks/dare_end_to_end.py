@@ -84,13 +84,14 @@ def main() -> None:
         rows.append({"tau": tau, "seconds": seconds, "exact_seconds": t_exact,
                      "speedup_vs_exact": t_exact / seconds, "kv_reuse": kv / tl,
                      "o_reuse": ov / tl, "token_agreement": same / total})
+    model_name = Path(args.model).name  # no machine paths in the report
     report = {
-        "benchmark": "dare_end_to_end", "model": args.model, "mode": args.mode,
+        "benchmark": "dare_end_to_end", "model": model_name, "mode": args.mode,
         "batch": args.batch, "prompt_len": args.prompt_len, "gen_length": args.gen_length,
         "block_length": args.block_length, "steps": args.steps,
         "device": f"CPU {platform.machine()} (vLLM CPU build)", "rows": rows,
     }
-    print(f"DARE end to end: {args.model}, batch {args.batch}, prompt {args.prompt_len}, "
+    print(f"DARE end to end: {model_name}, batch {args.batch}, prompt {args.prompt_len}, "
           f"gen {args.gen_length}, block {args.block_length}, steps {args.steps}, "
           f"mode {args.mode}, {report['device']}; exact {t_exact:.2f}s")
     print(f"{'tau':>6} {'seconds':>8} {'vs exact':>9} {'kv reuse':>9} {'o reuse':>8} {'agree':>6}")

@@ -100,7 +100,7 @@ def calibrate(args, llm=None) -> dict:
           and (r["accuracy"] is None or r["exact_accuracy"] - r["accuracy"] <= args.max_accuracy_drop)]
     chosen = max(ok, key=lambda r: r["tau"]) if ok else None
     return {
-        "model": args.model, "mode": args.mode, "prompts": len(items),
+        "model": Path(args.model).name, "mode": args.mode, "prompts": len(items),
         "min_agreement": args.min_agreement, "max_accuracy_drop": args.max_accuracy_drop,
         "device": platform.machine(), "rows": rows,
         "chosen_tau": chosen["tau"] if chosen else None,
