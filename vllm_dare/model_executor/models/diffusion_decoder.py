@@ -60,6 +60,44 @@ class DiffusionDecoderLayer(nn.Module):
         return self.mlp(hidden_states), residual
 
 
+def decoder_layer_factory(
+    vllm_config: VllmConfig,
+    *,
+    hidden_size: int,
+    num_heads: int,
+    num_kv_heads: int,
+    intermediate_size: int,
+    rms_norm_eps: float,
+    rope_parameters: dict,
+    max_position: int,
+    qkv_bias: bool,
+    rope_full_precision: bool,
+) -> Callable[[int, DareRuntime | None, str], DiffusionDecoderLayer]:
+    """``make_layer`` for ``DiffusionBackbone`` from a model's dimensions."""
+
+    def make_layer(index: int, dare_runtime: DareRuntime | None, prefix: str):
+        attn = DiffusionSelfAttention(
+            hidden_size=hidden_size,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            rope_parameters=rope_parameters,
+            max_position=max_position,
+            qkv_bias=qkv_bias,
+            rope_full_precision=rope_full_precision,
+            layer_index=index,
+            dare_runtime=dare_runtime,
+            cache_config=vllm_config.cache_config,
+            quant_config=vllm_config.quant_config,
+            prefix=f"{prefix}.self_attn",
+        )
+        return DiffusionDecoderLayer(
+            attn, hidden_size, intermediate_size, rms_norm_eps,
+            vllm_config.quant_config, prefix=prefix,
+        )
+
+    return make_layer
+
+
 class DiffusionBackbone(nn.Module):
     """Embedding, decoder layers, final norm."""
 

@@ -18,10 +18,9 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, m
 
 from vllm_dare.configs import DreamConfig
 from vllm_dare.model_executor.models.denoising_lm import DenoisingLM
-from vllm_dare.model_executor.models.diffusion_attention import DiffusionSelfAttention
 from vllm_dare.model_executor.models.diffusion_decoder import (
     DiffusionBackbone,
-    DiffusionDecoderLayer,
+    decoder_layer_factory,
 )
 
 
@@ -57,25 +56,18 @@ class DreamModel(DenoisingLM):
             raise ValueError("Dream checkpoints have an untied lm_head")
         self.config = config
 
-        def make_layer(i, dare_runtime, layer_prefix):
-            attn = DiffusionSelfAttention(
-                hidden_size=config.hidden_size,
-                num_heads=config.num_attention_heads,
-                num_kv_heads=config.num_key_value_heads,
-                rope_parameters=config.rope_parameters,
-                max_position=config.max_position_embeddings,
-                qkv_bias=True,
-                rope_full_precision=False,
-                layer_index=i,
-                dare_runtime=dare_runtime,
-                cache_config=vllm_config.cache_config,
-                quant_config=vllm_config.quant_config,
-                prefix=f"{layer_prefix}.self_attn",
-            )
-            return DiffusionDecoderLayer(
-                attn, config.hidden_size, config.intermediate_size, config.rms_norm_eps,
-                vllm_config.quant_config, prefix=layer_prefix,
-            )
+        make_layer = decoder_layer_factory(
+            vllm_config,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            intermediate_size=config.intermediate_size,
+            rms_norm_eps=config.rms_norm_eps,
+            rope_parameters=config.rope_parameters,
+            max_position=config.max_position_embeddings,
+            qkv_bias=True,
+            rope_full_precision=False,
+        )
 
         self.model = DiffusionBackbone(
             vllm_config=vllm_config,

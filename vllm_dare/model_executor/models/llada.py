@@ -18,10 +18,9 @@ from vllm.model_executor.models.utils import maybe_prefix
 
 from vllm_dare.configs import LLaDAConfig
 from vllm_dare.model_executor.models.denoising_lm import DenoisingLM
-from vllm_dare.model_executor.models.diffusion_attention import DiffusionSelfAttention
 from vllm_dare.model_executor.models.diffusion_decoder import (
     DiffusionBackbone,
-    DiffusionDecoderLayer,
+    decoder_layer_factory,
 )
 
 # Checkpoint name (inside model.transformer.blocks.N.) -> (our name, shard id).
@@ -80,25 +79,18 @@ class LLaDAModelLM(DenoisingLM):
         config.validate_architecture()
         self.config = config
 
-        def make_layer(i, dare_runtime, layer_prefix):
-            attn = DiffusionSelfAttention(
-                hidden_size=config.d_model,
-                num_heads=config.n_heads,
-                num_kv_heads=config.n_kv_heads,
-                rope_parameters=config.rope_parameters,
-                max_position=config.max_sequence_length,
-                qkv_bias=False,
-                rope_full_precision=bool(config.rope_full_precision),
-                layer_index=i,
-                dare_runtime=dare_runtime,
-                cache_config=vllm_config.cache_config,
-                quant_config=vllm_config.quant_config,
-                prefix=f"{layer_prefix}.self_attn",
-            )
-            return DiffusionDecoderLayer(
-                attn, config.d_model, config.mlp_hidden_size, config.rms_norm_eps,
-                vllm_config.quant_config, prefix=layer_prefix,
-            )
+        make_layer = decoder_layer_factory(
+            vllm_config,
+            hidden_size=config.d_model,
+            num_heads=config.n_heads,
+            num_kv_heads=config.n_kv_heads,
+            intermediate_size=config.mlp_hidden_size,
+            rms_norm_eps=config.rms_norm_eps,
+            rope_parameters=config.rope_parameters,
+            max_position=config.max_sequence_length,
+            qkv_bias=False,
+            rope_full_precision=bool(config.rope_full_precision),
+        )
 
         self.model = DiffusionBackbone(
             vllm_config=vllm_config,
