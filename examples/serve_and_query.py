@@ -60,7 +60,9 @@ def main() -> None:
         "--host", "127.0.0.1", "--port", str(port),
     ]
     print("$", " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, env=env)
+    # Own session: the shutdown signal reaches the API server only, which then stops
+    # its engine process itself.
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(proc, base)
