@@ -22,20 +22,31 @@ def paged_attention_rows(
     group = H // Hkv
     row_token = row_token.long()
     row_req = row_req.long()
-    for req in torch.unique(row_req).tolist():
-        tokens = row_token[row_req == req]
-        n = int(seq_lens[req])
-        pos = torch.arange(n, device=cache.device)
-        slots = block_table[req, pos // block_size].long() * block_size + pos % block_size
-        # Gather the K and V columns only (a slot row also holds O and Q_ref).
-        kv = cache[:, layout.k_offset : layout.v_offset + Hkv * D].index_select(0, slots)
-        k = kv[:, : Hkv * D].view(n, Hkv, 1, D)
-        v = kv[:, Hkv * D :].view(n, Hkv, 1, D)
-        qr = q[tokens].view(-1, Hkv, group, D)  # [R, Hkv, G, D]
-        scores = torch.einsum("rkgd,nkgd->rkgn", qr.float(), k.float()) * scale
-        probs = torch.softmax(scores, dim=-1)
-        o = torch.einsum("rkgn,nkgd->rkgd", probs, v.float())
-        out[tokens] = o.reshape(-1, H, D).to(out.dtype)
+    # One padded batch over requests (no Python loop per request): request b's
+    # rows are queries [b, :R_b], its keys/values the first seq_lens[b] slots.
+    B = seq_lens.shape[0]
+    counts = torch.bincount(row_req, minlength=B)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(row_req.numel(), device=q.device) - first[row_req]
+    r_max = int(counts.max())
+    seq_lens = seq_lens.long()
+    n_max = int(seq_lens.max())
+    pos = torch.arange(n_max, device=cache.device)
+    block_col = (pos // block_size).clamp(max=block_table.shape[1] - 1)
+    slots = block_table[:, block_col].long() * block_size + pos % block_size  # [B, N]
+    valid = pos[None, :] < seq_lens[:, None]
+    slots = torch.where(valid, slots, torch.zeros_like(slots))
+    # Gather the K and V columns only (a slot row also holds O and Q_ref).
+    kv = cache[:, layout.k_offset : layout.v_offset + Hkv * D].index_select(0, slots.view(-1))
+    kv = kv.view(B, n_max, 2, Hkv, D).float()
+    k, v = kv[:, :, 0], kv[:, :, 1]  # [B, N, Hkv, D]
+    qp = q.new_zeros((B, r_max, Hkv, group, D), dtype=torch.float32)
+    qp[row_req, rank] = q[row_token].view(-1, Hkv, group, D).float()
+    scores = torch.einsum("brkgd,bnkd->bkgrn", qp, k) * scale
+    scores.masked_fill_(~valid[:, None, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    o = torch.einsum("bkgrn,bnkd->brkgd", probs, v)
+    out[row_token] = o[row_req, rank].reshape(-1, H, D).to(out.dtype)
 
 
 def write_rows(src, rows, slot_mapping, cache, col_offset: int) -> None:
