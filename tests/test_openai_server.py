@@ -1,5 +1,7 @@
-"""The OpenAI-compatible server: completions, chat, streaming, and HTTP 400 for bad
-diffusion knobs with the server still serving afterwards."""
+"""The OpenAI-compatible server with the DARE backend (``--attention-backend dare``):
+completions, chat, streaming, HTTP 400 for bad diffusion/DARE knobs with the server
+still serving afterwards, and the DARE counters in ``/metrics`` (Prometheus
+multiprocess mode)."""
 
 from __future__ import annotations
 
@@ -22,16 +24,21 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llada, engines):
+def server(tiny_llada, engines, tmp_path_factory):
     engines.close()  # one engine at a time on a 2-core machine
     port = _free_port()
     env = dict(os.environ)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path_factory.mktemp("prometheus"))
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(tiny_llada), "--served-model-name", "tiny-llada",
         "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
         "--max-num-seqs", "4", "--host", "127.0.0.1", "--port", str(port),
+        "--attention-backend", "dare",
+        # on the CPU build this is the share of the NUMA node's memory vLLM may
+        # take; stay modest so the test also runs next to other work
+        "--gpu-memory-utilization", "0.4",
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -104,6 +111,8 @@ def test_streaming_matches_non_streaming(client):
         ({"dllm_remasking": "nope"}, "dllm_remasking must be one of"),
         ({"dllm_steps": -1}, "dllm_steps must be a positive integer"),
         ({"dllm_unknown": 1}, "unknown diffusion knob"),
+        ({"dare_mode": "fast"}, "dare mode must be one of"),
+        ({"dare_tau_kv": -0.5}, "dare tau_kv must be a number >= 0"),
     ],
 )
 def test_bad_knobs_are_http_400_and_server_keeps_serving(server, client, xargs, message):
@@ -116,3 +125,33 @@ def test_bad_knobs_are_http_400_and_server_keeps_serving(server, client, xargs, 
     assert message in r.json()["error"]["message"]
     out = client.completions.create(model="tiny-llada", prompt="hi", max_tokens=8)
     assert out.usage.completion_tokens > 0
+
+
+def _metric_sum(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_dare_counters_in_prometheus_metrics(server, client):
+    before = requests.get(server + "/metrics", timeout=30).text
+    xargs = {"vllm_xargs": {"dllm_steps": 8, "dllm_block_length": 8,
+                            "dare_mode": "kv+o", "dare_tau_kv": 0.5, "dare_tau_o": 0.5}}
+    out = client.completions.create(model="tiny-llada", prompt="reuse me", max_tokens=8,
+                                    extra_body=xargs)
+    assert out.usage.completion_tokens > 0
+    after = requests.get(server + "/metrics", timeout=30).text
+    rows = _metric_sum(after, "vllm_dare:attention_rows_total") - _metric_sum(
+        before, "vllm_dare:attention_rows_total")
+    kv = _metric_sum(after, "vllm_dare:kv_rows_reused_total") - _metric_sum(
+        before, "vllm_dare:kv_rows_reused_total")
+    o = _metric_sum(after, "vllm_dare:o_rows_reused_total") - _metric_sum(
+        before, "vllm_dare:o_rows_reused_total")
+    # 9 forwards (8 steps + the prompt-only one) x 2 layers x (prompt + 8 canvas rows)
+    assert rows >= 9 * 2 * 8
+    assert 0 < kv <= rows and 0 < o <= rows
+    assert 'layer="1"' in after and 'model_name="tiny-llada"' in after
+    # vLLM's own metrics are still served next to ours.
+    assert "vllm:num_requests_running" in after

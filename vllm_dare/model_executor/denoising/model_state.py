@@ -40,6 +40,7 @@ class DenoisingModelState(DefaultModelState):
         self.sampler: DenoisingSampler | None = None
         self._slot_of: dict[str, int] = {}
         self.dare_runtime = getattr(model, "dare_runtime", None)
+        self.served_model_name = str(vllm_config.model_config.served_model_name)
         # DARE bookkeeping per slot: input ids of the previous forward, forwards run.
         self._prev_inputs: dict[int, torch.Tensor] = {}
         self._forwards: dict[int, int] = {}
@@ -50,6 +51,7 @@ class DenoisingModelState(DefaultModelState):
     def custom_sampler(self, sampler: Any):
         self.sampler = DenoisingSampler(sampler, self.defaults, self.device)
         self.sampler.dare_runtime = self.dare_runtime
+        self.sampler.model_name = self.served_model_name
         return self.sampler, None
 
     def add_request(self, req_index: int, new_req_data) -> None:

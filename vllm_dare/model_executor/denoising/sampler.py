@@ -20,12 +20,15 @@ written to both, and both emit together.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
+
+from vllm.logger import init_logger
 
 from vllm_dare import request_stats
 from vllm_dare.attention_backends import dare_stats
@@ -38,6 +41,8 @@ from vllm_dare.model_executor.denoising.params import (
     resolve_params,
 )
 from vllm_dare.model_executor.denoising.request_validation import request_dare_settings
+
+logger = init_logger(__name__)
 
 # The runner reads penalties_state.output_bin_counts; None means "no penalties".
 _NO_PENALTIES = SimpleNamespace(output_bin_counts=None)
@@ -71,6 +76,7 @@ class DenoisingSampler:
         self.dare_settings: dict[int, DareSettings] = {}
         self.dare_counts: dict[int, np.ndarray] = {}
         self.dare_runtime = None  # set by the ModelState
+        self.model_name = ""  # Prometheus label, set by the ModelState
         # Model forwards that processed each slot's request (its NFE).
         self.forwards: dict[int, int] = {}
         # Filled by the ModelState before add_request: slot <-> request id.
@@ -126,11 +132,19 @@ class DenoisingSampler:
 
         if self.dare_runtime is not None and self.dare_runtime.num_reqs == num_reqs:
             step_counts = self.dare_runtime.request_counts.cpu().numpy()
-            dare_stats.record_layers(self.dare_runtime.layer_counts.cpu().numpy())
+            dare_stats.record_layers(self.dare_runtime.layer_counts.cpu().numpy(),
+                                     self.model_name)
+            debug = logger.isEnabledFor(logging.DEBUG)
             for i in range(num_reqs):
                 counts = self.dare_counts.get(int(slots[i]))
                 if counts is not None:
                     counts += step_counts[i]
+                    if debug:
+                        tokens, kv, o = (int(x) for x in step_counts[i])
+                        logger.debug(
+                            "DARE %s: %d token-layer rows, K/V reused %d, O reused %d "
+                            "(settings %s)", input_batch.req_ids[i], tokens, kv, o,
+                            self.dare_settings.get(int(slots[i])))
 
         def emit(i: int, canvas: torch.Tensor) -> None:
             sampled[i, : canvas.shape[0]] = canvas.to(torch.int32)
