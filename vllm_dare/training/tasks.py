@@ -3,7 +3,8 @@
 Each example is a user message and its exact answer; prompts use the model's chat
 template. Fixed-width inputs keep every prompt of a task the same length.
 
-* ``add``   -- ``"047+385="`` -> ``"432"`` (3-digit operands, carries)
+* ``add``   -- ``"047+385="`` -> ``"0432"`` (3-digit operands, carries; the sum is
+  written with 4 digits so every answer digit sits at a fixed position)
 * ``sort``  -- ``"sort 5 3 9 1 7 2 8 4"`` -> ``"1 2 3 4 5 7 8 9"``
 * ``words`` -- ``"words 472"`` -> ``"four hundred seventy two"`` (templated language,
   answers up to 27 characters)
@@ -59,7 +60,7 @@ def number_to_words(n: int) -> str:
 def make_example(task: str, rng: random.Random) -> Example:
     if task == "add":
         a, b = rng.randrange(1000), rng.randrange(1000)
-        return Example(task, f"{a:03d}+{b:03d}=", str(a + b))
+        return Example(task, f"{a:03d}+{b:03d}=", f"{a + b:04d}")
     if task == "sort":
         digits = [rng.randrange(10) for _ in range(8)]
         return Example(
