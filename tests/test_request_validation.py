@@ -28,6 +28,8 @@ BAD_LLADA = [
     (16, {"dllm_stepz": 4}, "unknown diffusion knob 'dllm_stepz'"),
     (16, {"dllm_cfg_scale": -1}, "dllm_cfg_scale must be a number >= 0"),
     (128, {}, "exceeds the served canvas of 64"),
+    (16, {"dllm_seed": -1}, "dllm_seed must be an integer"),
+    (16, {"dllm_seed": "7"}, "dllm_seed must be an integer"),
 ]
 
 BAD_DREAM = [
@@ -36,6 +38,7 @@ BAD_DREAM = [
     (16, {"dllm_top_k": 0}, "dllm_top_k must be a positive integer"),
     (16, {"dllm_alg_temp": -1.0}, "dllm_alg_temp must be a number >= 0"),
     (16, {"dllm_block_length": 8}, "dllm_block_length does not apply to Dream"),
+    (16, {"dllm_seed": 1.5}, "dllm_seed must be an integer"),
 ]
 
 

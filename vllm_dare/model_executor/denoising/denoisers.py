@@ -23,6 +23,10 @@ class Denoiser:
         self.canvas = torch.full(
             (params.gen_length,), mask_token_id, dtype=torch.long, device=device
         )
+        self.generator = (
+            None if params.seed is None
+            else torch.Generator(device=device).manual_seed(params.seed)
+        )
         self.next_step = 0
         self.steps_run = 0  # steps that ran a forward (skipped no-op steps excluded)
 
@@ -66,7 +70,8 @@ class LLaDADenoiser(Denoiser):
         if p.temperature > 0:
             # Gumbel-max in float64: argmax(exp(l) / (-log u) ** T).
             l64 = logits.double()
-            u = torch.rand_like(l64)
+            u = torch.rand(l64.shape, dtype=l64.dtype, device=l64.device,
+                           generator=self.generator)
             tokens = (l64.exp() / (-torch.log(u)) ** p.temperature).argmax(dim=-1)
         else:
             tokens = logits.argmax(dim=-1)
@@ -74,7 +79,8 @@ class LLaDADenoiser(Denoiser):
             probs = torch.softmax(logits.double(), dim=-1)
             confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
         else:
-            confidence = torch.rand(self.gen_length, dtype=torch.float64, device=logits.device)
+            confidence = torch.rand(self.gen_length, dtype=torch.float64, device=logits.device,
+                                    generator=self.generator)
         confidence[(block + 1) * p.block_length :] = float("-inf")
         confidence = torch.where(masked, confidence, float("-inf"))
         if k > 0:
@@ -127,7 +133,7 @@ class DreamDenoiser(Denoiser):
             logits = _filter_top_k(logits, p.top_k)
         probs = torch.softmax(logits, dim=-1)
         if p.temperature > 0:
-            tokens = torch.multinomial(probs, 1).squeeze(-1)
+            tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
             confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
         else:
             confidence, tokens = probs.max(dim=-1)
@@ -150,7 +156,8 @@ class DreamDenoiser(Denoiser):
                 reveal_prob = float(1 - self.timesteps[i + 1] / self.timesteps[i])
             else:
                 reveal_prob = 1.0
-            reveal = torch.rand(num_masked, device=logits.device) < reveal_prob
+            reveal = torch.rand(num_masked, device=logits.device,
+                                generator=self.generator) < reveal_prob
             if bool(reveal.any()):
                 _, tokens = self._sample(masked_logits[reveal])
                 self.canvas[positions[reveal]] = tokens
@@ -160,7 +167,8 @@ class DreamDenoiser(Denoiser):
             if k > 0:
                 if p.alg_temp:
                     weights = torch.softmax(confidence / p.alg_temp, dim=-1)
-                    chosen = torch.multinomial(weights, k, replacement=False)
+                    chosen = torch.multinomial(weights, k, replacement=False,
+                                               generator=self.generator)
                 else:
                     chosen = torch.topk(confidence, k).indices
                 self.canvas[positions[chosen]] = tokens[chosen]

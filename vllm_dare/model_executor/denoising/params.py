@@ -40,6 +40,7 @@ REQUEST_KEYS: dict[str, tuple[str, ...]] = {
     "dllm_alg_temp": (DREAM,),
     "dllm_top_p": (DREAM,),
     "dllm_top_k": (DREAM,),
+    "dllm_seed": (LLADA, DREAM),
 }
 
 # generation_config.json keys read as served defaults, per family.
@@ -148,6 +149,9 @@ class DenoisingParams:
     eps: float = 1e-3
     top_p: float | None = None
     top_k: int | None = None
+    # Seed of the request's own random generator (temperature > 0, random
+    # remasking, Dream's origin / alg_temp); None uses the engine's generator.
+    seed: int | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -213,6 +217,9 @@ def _parse_knobs(extra: dict[str, Any], family: str) -> dict[str, Any]:
     top_p = knobs.get("dllm_top_p")
     if top_p is not None and not (_is_number(top_p) and 0 < top_p <= 1):
         raise ValueError(f"dllm_top_p must be in (0, 1], got {top_p!r}")
+    seed = knobs.get("dllm_seed")
+    if seed is not None and not (_is_int(seed) and 0 <= seed < 2**63):
+        raise ValueError(f"dllm_seed must be an integer in [0, 2**63), got {seed!r}")
     top_k = knobs.get("dllm_top_k")
     if top_k is not None and not (_is_int(top_k) and top_k > 0):
         raise ValueError(f"dllm_top_k must be a positive integer, got {top_k!r}")
@@ -265,6 +272,7 @@ def resolve_params(
             block_length=block_length,
             remasking=knobs.get("dllm_remasking", defaults.remasking),
             cfg_scale=cfg_scale,
+            seed=knobs.get("dllm_seed"),
         )
 
     alg_temp = knobs.get("dllm_alg_temp", defaults.alg_temp)
@@ -278,4 +286,5 @@ def resolve_params(
         eps=defaults.eps,
         top_p=knobs.get("dllm_top_p", defaults.top_p),
         top_k=knobs.get("dllm_top_k", defaults.top_k),
+        seed=knobs.get("dllm_seed"),
     )
