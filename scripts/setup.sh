@@ -7,12 +7,12 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  extra="cuda,test"
+  extra="cuda,test,bench"
 else
-  extra="cpu,test"
+  extra="cpu,test,bench"
 fi
 .venv/bin/python -m pip install -q -e ".[$extra]"
-if [ "$extra" = "cpu,test" ]; then
+if [ "$extra" = "cpu,test,bench" ]; then
   # pip pulls CUDA builds of these next to torch 2.13.0+cpu; they fail to load
   # ("operator torchvision::nms does not exist") and break transformers/vLLM.
   # Nothing in vllm-dare uses them.

@@ -1,10 +1,12 @@
 """The OpenAI-compatible server with the DARE backend (``--attention-backend dare``):
 completions, chat, streaming, HTTP 400 for bad diffusion/DARE knobs with the server
-still serving afterwards, and the DARE counters in ``/metrics`` (Prometheus
-multiprocess mode)."""
+still serving afterwards, the DARE counters in ``/metrics`` (Prometheus
+multiprocess mode), OpenAI ``temperature``/``seed`` through the project's middleware,
+and lm-eval's ``local-completions`` model on the shipped task configs."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -36,6 +38,8 @@ def server(tiny_llada, engines, tmp_path_factory):
         "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
         "--max-num-seqs", "4", "--host", "127.0.0.1", "--port", str(port),
         "--attention-backend", "dare",
+        "--middleware",
+        "vllm_dare.entrypoints.sampling_middleware.DiffusionSamplingMiddleware",
         # on the CPU build this is the share of the NUMA node's memory vLLM may
         # take; stay modest so the test also runs next to other work
         "--gpu-memory-utilization", "0.4",
@@ -155,3 +159,48 @@ def test_dare_counters_in_prometheus_metrics(server, client):
     assert 'layer="1"' in after and 'model_name="tiny-llada"' in after
     # vLLM's own metrics are still served next to ours.
     assert "vllm:num_requests_running" in after
+
+
+def test_openai_temperature_and_seed_map_to_denoising_knobs(client):
+    kwargs = dict(model="tiny-llada", prompt="sample me", max_tokens=16,
+                  extra_body={"vllm_xargs": {"dllm_steps": 16}})
+    greedy = client.completions.create(temperature=0, seed=3, **kwargs).choices[0].text
+    assert greedy == client.completions.create(**kwargs).choices[0].text  # default: greedy
+    a = client.completions.create(temperature=1.0, seed=11, **kwargs).choices[0].text
+    b = client.completions.create(temperature=1.0, seed=11, **kwargs).choices[0].text
+    c = client.completions.create(temperature=1.0, seed=12, **kwargs).choices[0].text
+    assert a == b  # the request's own generator: reproducible
+    assert a != c  # and the seed is really used
+
+
+def test_sampling_knob_given_twice_is_http_400(server):
+    r = requests.post(
+        server + "/v1/completions",
+        json={"model": "tiny-llada", "prompt": "hi", "max_tokens": 8, "seed": 1,
+              "vllm_xargs": {"dllm_seed": 2}},
+        timeout=60,
+    )
+    assert r.status_code == 400
+    assert "either 'seed' or vllm_xargs.dllm_seed" in r.json()["error"]["message"]
+
+
+def test_lm_eval_local_completions_runs_the_shipped_tasks(server, tiny_llada, tmp_path):
+    from vllm_dare.lm_eval_tasks import TASKS_DIR
+
+    cmd = [
+        sys.executable, "-m", "lm_eval", "--model", "local-completions",
+        "--model_args",
+        f"model=tiny-llada,base_url={server}/v1/completions,tokenized_requests=False,"
+        "tokenizer_backend=none,num_concurrent=2,max_retries=1",
+        "--include_path", TASKS_DIR, "--tasks", "dllm_tasks", "--limit", "3",
+        "--metadata", json.dumps({"model_path": str(tiny_llada)}),
+        "--output_path", str(tmp_path / "out"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in (tmp_path / "out").rglob("results_*.json")]
+    assert results, proc.stdout[-2000:]
+    got = results[0]["results"]
+    for task in ("dllm_add", "dllm_sort", "dllm_words"):
+        assert 0.0 <= got[task]["exact_match,none"] <= 1.0
+        assert results[0]["n-samples"][task]["effective"] == 3

@@ -1,0 +1,1 @@
+"""Serving-side helpers for `vllm serve`."""
