@@ -87,3 +87,61 @@ def test_calibration_sweeps_and_writes_engine_config(engines, tiny_llada, tmp_pa
     config = write_config(report, str(out))
     assert json.loads(out.read_text()) == config
     assert config["dare"]["tau_kv"] == report["chosen_tau"]
+
+
+def _load_harness():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "quality_speed" in sys.modules:
+        return sys.modules["quality_speed"]
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_speed.py"
+    spec = importlib.util.spec_from_file_location("quality_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["quality_speed"] = module  # dataclasses resolve their module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("text", ["fast", "dare-kv", "dare-qkv:0.1", "dare-o:-1", "exact:steps/0"])
+def test_harness_rejects_unknown_modes(text):
+    with pytest.raises(ValueError):
+        _load_harness().parse_mode(text)
+
+
+def test_quality_speed_harness_reports_every_mode(engines, tiny_llada, tmp_path):
+    harness = _load_harness()
+    report = harness.main(
+        ["--model", str(tiny_llada), "--tasks", "add", "sort", "--per-task", "3",
+         "--modes", "exact", "exact:steps/2", "dare-kv:1e-6", "dare-kv+o:0.5",
+         "--out", str(tmp_path / "qs")],
+        engine_for=lambda kind, **kw: engines.get(tiny_llada, **kw),
+    )
+    rows = {r["mode"]: r for r in report["rows"]}
+    assert list(rows) == ["exact", "exact:steps/2", "dare-kv:1e-6", "dare-kv+o:0.5"]
+    exact, half = rows["exact"], rows["exact:steps/2"]
+    assert exact["token_agreement"] == 1.0 and exact["speedup_vs_exact"] == 1.0
+    # add: 8 steps, sort: 16 steps, + the prompt-only forward; half the steps each
+    assert exact["tasks"]["add"]["nfe_per_request"] == 9
+    assert exact["tasks"]["sort"]["nfe_per_request"] == 17
+    assert half["tasks"]["add"]["nfe_per_request"] == 5
+    assert half["tokens_per_forward"] > 1.5 * exact["tokens_per_forward"]
+    assert exact["kv_reuse"] is None
+    # K/V reuse at a negligible threshold (unchanged layer-0 rows) changes nothing
+    assert rows["dare-kv:1e-6"]["token_agreement"] == 1.0
+    assert rows["dare-kv:1e-6"]["o_reuse"] == 0
+    big = rows["dare-kv+o:0.5"]
+    assert 0.5 < big["kv_reuse"] <= 1 and 0.5 < big["o_reuse"] <= 1
+    for row in rows.values():
+        assert set(row["tasks"]) == {"add", "sort"}
+        assert row["seconds"] > 0
+    heat = report["heat_maps"]
+    assert heat["mode"] == "dare-kv:1e-6"
+    kv = heat["tasks"]["add"]["kv_reuse"]
+    assert len(kv) == 2 and len(kv[0]) == 9  # layers x forwards
+    assert all(v == 0 for v in kv[0][:1])  # first forward: nothing cached yet
+    saved = json.loads((tmp_path / "qs.json").read_text())
+    assert saved["settings"]["tasks"]["add"]["requests"] == 3
+    assert (tmp_path / "qs_accuracy_vs_speedup.png").stat().st_size > 0
+    assert (tmp_path / "qs_reuse_heatmap.png").stat().st_size > 0
