@@ -138,3 +138,24 @@ def test_cpu_mode_does_nothing_on_a_cuda_build(monkeypatch):
     assert not cpu_triton.is_cpu_build()
     assert cpu_triton.enable_if_cpu_build() is None
     assert "TRITON_INTERPRET" not in os.environ
+
+
+def test_dare_backend_refuses_models_it_cannot_serve(engines, tmp_path):
+    """A non-dLLM model with --attention-backend dare is an error, not a silent
+    fallback (vLLM's CPU platform would otherwise ignore the selection)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from vllm import LLM
+
+    engines.close()
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=128)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    with pytest.raises(Exception) as info:
+        LLM(model=str(tmp_path / "llama"), skip_tokenizer_init=True, enforce_eager=True,
+            dtype="float32", max_model_len=64, attention_backend="dare")
+    chain, err = [], info.value
+    while err is not None:
+        chain.append(str(err))
+        err = err.__cause__ or err.__context__
+    assert any("serves LLaDA and Dream" in text for text in chain), chain

@@ -16,8 +16,11 @@ decides whether Triton is usable. On the CPU build only (and unless
   is what vLLM's CPU build looks for to keep Triton enabled;
 * makes Model Runner V2 the default (``VLLM_USE_V2_MODEL_RUNNER=1`` unless set).
 
-It returns None, so vLLM's own platform detection is unchanged. On a CUDA build it
-does nothing at all.
+* returns ``vllm_dare.cpu_platform.DareCpuPlatform``: vLLM's ``CpuPlatform`` that
+  refuses ``--attention-backend dare`` for models the DARE backend cannot serve
+  (vLLM's CPU platform would otherwise silently ignore the selection).
+
+On a CUDA build it does nothing at all (returns None: vLLM's own detection).
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def cpu_mode_enabled() -> bool:
     return is_cpu_build() and os.environ.get(ENV_SWITCH, "1") != "0"
 
 
-def enable_if_cpu_build() -> None:
+def enable_if_cpu_build() -> str | None:
     if not cpu_mode_enabled():
         return None
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -63,4 +66,4 @@ def enable_if_cpu_build() -> None:
 
     if "cpu" not in backends:
         backends["cpu"] = Backend(compiler=None, driver=_NeverActiveDriver)
-    return None
+    return "vllm_dare.cpu_platform.DareCpuPlatform"
