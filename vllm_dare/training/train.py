@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import time
 from pathlib import Path
 
@@ -127,6 +128,17 @@ def train(args) -> None:
         for name, w in weights.items():
             if w.dim() == 2:
                 w.mul_(0.5 if ("wte" in name or "embed" in name) else 1.0)
+    if args.init_from:
+        # Continue from a checkpoint written by this script (same size and family).
+        from safetensors.torch import load_file
+
+        start_weights = load_file(str(Path(args.init_from) / "model.safetensors"))
+        if set(start_weights) != set(weights):
+            raise SystemExit(f"{args.init_from}: tensors differ from a {args.family} model "
+                             "of the requested size")
+        with torch.no_grad():
+            for name, w in weights.items():
+                w.copy_(start_weights[name].float())
     model = ReferenceDLLM(ArchSpec.from_config(config), weights)
     params = list(weights.values())
     print(f"{args.family}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters")
@@ -181,8 +193,13 @@ def save(workdir, args, size, weights, params, log, accuracy, start, final: bool
                     "Dream maskgit_plus, steps = gen_length",
         "gen_length": {t: s.gen_length for t, s in TASKS.items()},
         "task_weights": args.task_weights,
-        "log": log, "command": " ".join(args.argv),
+        "log": log, "command": shlex.join(args.argv),
     }
+    if args.init_from:
+        prev = json.loads((Path(args.init_from) / "training.json").read_text())
+        card["continued_from"] = {k: prev[k] for k in (
+            "command", "steps", "train_minutes", "heldout_exact_accuracy_reference_fp32",
+            "continued_from") if k in prev}
     (workdir / "training.json").write_text(json.dumps(card, indent=2) + "\n")
 
 
@@ -206,6 +223,8 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-n", type=int, default=50)
     parser.add_argument("--target", type=float, default=0.97)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--init-from", default=None,
+                        help="checkpoint folder written by this script to continue from")
     parser.add_argument("--task-weights", type=json.loads, default={},
                         help='sampling weight per task, e.g. \'{"add": 3}\' (default 1 each)')
     args = parser.parse_args(argv)
