@@ -328,7 +328,10 @@ def evaluate(args, engine_for=None) -> dict:
         },
         "rows": rows,
     }
-    heat_mode = args.heat_map_mode or next((m.name for m in modes if m.engine == "dare"), None)
+    dare_modes = [m.name for m in modes if m.engine == "dare"]
+    heat_mode = args.heat_map_mode or next(
+        (m for m in dare_modes if m.startswith("dare-kv+o:")), dare_modes[0] if dare_modes else None
+    )
     if heat_mode is not None:
         if heat_mode not in runs or runs[heat_mode][tasks[0]]["trace"] is None:
             raise SystemExit(f"--heat-map-mode {heat_mode!r} is not one of the DARE modes run")
@@ -365,6 +368,38 @@ def print_table(report: dict) -> None:
               + f"{r['speedup_vs_exact']:>7.2f}x")
 
 
+def markdown_table(report: dict) -> str:
+    """The table as Markdown, settings first (for docs/evaluation.md)."""
+    s = report["settings"]
+    tasks = list(s["tasks"])
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    lines = [
+        f"Model `{s['model']}` ({s['family']}, computing in {s['dtype']}), {s['hardware']}; "
+        + "; ".join(f"{t}: prompt {v['prompt_tokens']} tokens, gen {v['gen_length']}, "
+                    f"{v['requests']} requests" for t, v in s["tasks"].items())
+        + f"; steps {s['steps']}; block length {s['block_length']}; Dream alg "
+        f"{s['dream_alg']}; batch: {s['batch']}; {s['decoding']}.",
+        "",
+        "| mode | " + " | ".join(f"{t} acc %" for t in tasks)
+        + " | agreement | NFE | tokens/forward | K/V reuse | O reuse | seconds | speed-up |",
+        "|---" * (len(tasks) + 8) + "|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['mode']} | " + " | ".join(pct(r["tasks"][t]["accuracy"]) for t in tasks)
+            + f" | {num(r['token_agreement'], '.3f')} | {r['nfe_per_request']:.1f}"
+            + f" | {num(r['tokens_per_forward'], '.2f')} | {pct(r['kv_reuse'])}"
+            + f" | {pct(r['o_reuse'])} | {r['seconds']:.1f} | {r['speedup_vs_exact']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None, engine_for=None) -> dict:
     from vllm_dare.default_model import default_model_path
 
@@ -378,7 +413,7 @@ def main(argv=None, engine_for=None) -> dict:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-model-len", type=int, default=128)
     parser.add_argument("--heat-map-mode", default=None,
-                        help="DARE mode whose reuse heat map is drawn (default: the first)")
+                        help="DARE mode whose reuse heat map is drawn (default: the first kv+o one)")
     parser.add_argument("--out", default="benchmarks/results/quality_speed",
                         help="output prefix: PREFIX.json and PREFIX_*.png")
     parser.add_argument("--no-plots", action="store_true")
@@ -391,7 +426,9 @@ def main(argv=None, engine_for=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path = out.with_name(out.name + ".json")
     json_path.write_text(json.dumps(report, indent=1) + "\n")
-    written = [str(json_path)] + ([] if args.no_plots else plot(report, out))
+    md_path = out.with_name(out.name + ".md")
+    md_path.write_text(markdown_table(report))
+    written = [str(json_path), str(md_path)] + ([] if args.no_plots else plot(report, out))
     print("wrote " + ", ".join(written))
     return report
 

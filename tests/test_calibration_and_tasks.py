@@ -137,7 +137,7 @@ def test_quality_speed_harness_reports_every_mode(engines, tiny_llada, tmp_path)
         assert set(row["tasks"]) == {"add", "sort"}
         assert row["seconds"] > 0
     heat = report["heat_maps"]
-    assert heat["mode"] == "dare-kv:1e-6"
+    assert heat["mode"] == "dare-kv+o:0.5"
     kv = heat["tasks"]["add"]["kv_reuse"]
     assert len(kv) == 2 and len(kv[0]) == 9  # layers x forwards
     assert all(v == 0 for v in kv[0][:1])  # first forward: nothing cached yet
