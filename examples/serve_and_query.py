@@ -1,8 +1,10 @@
 """Serve a diffusion model with vLLM's OpenAI server and query it.
 
-Starts ``python -m vllm.entrypoints.openai.api_server`` on the packaged default
-model (or --model PATH), sends a completion, a chat completion and a streamed
-completion with per-request denoising knobs, prints them, and stops the server.
+Starts ``python -m vllm.entrypoints.openai.api_server`` with the DARE backend on the
+packaged default model (the trained LLaDA-architecture task model, or --model PATH),
+asks it one held-out question per task in exact mode and with DARE reuse, streams an
+answer, shows the HTTP 400 for a bad knob, and stops the server. Exits non-zero if
+an exact-mode answer is wrong.
 
     .venv/bin/python examples/serve_and_query.py [--model PATH]
 """
@@ -15,12 +17,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import openai
 import requests
 
 from vllm_dare.default_model import default_model_path
+from vllm_dare.training.tasks import TASKS, held_out, is_correct
 
 
 def free_port() -> int:
@@ -53,10 +57,14 @@ def main() -> None:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # CPU build: KV cache size in GiB
     env.setdefault("TORCHDYNAMO_DISABLE", "1")
+    # Prometheus multiprocess mode: the engine process's DARE counters reach /metrics.
+    env.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="vllm-dare-prom-"))
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", args.model, "--served-model-name", "dllm",
         "--max-model-len", "512", "--enforce-eager",
+        "--attention-backend", "dare",
+        "--middleware", "vllm_dare.entrypoints.sampling_middleware.DiffusionSamplingMiddleware",
         "--host", "127.0.0.1", "--port", str(port),
     ]
     print("$", " ".join(cmd), flush=True)
@@ -64,30 +72,35 @@ def main() -> None:
     # its engine process itself.
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
+    wrong = 0
     try:
         wait_healthy(proc, base)
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
-        knobs = {"vllm_xargs": {"dllm_steps": 32, "dllm_block_length": 32}}
 
-        t = time.time()
-        out = client.completions.create(
-            model="dllm", prompt="12+34=", max_tokens=32, extra_body=knobs
-        )
-        print(f"\n[completion] {out.choices[0].text!r} "
-              f"({out.usage.completion_tokens} tokens, {time.time() - t:.2f}s)")
+        # One held-out question per task (never seen in training), chat endpoint,
+        # exact mode (nothing reused) and DARE K/V+O reuse at tau 0.05.
+        for task, spec in TASKS.items():
+            ex = held_out(task)[0]
+            for mode in ("off", "kv+o"):
+                t = time.time()
+                out = client.chat.completions.create(
+                    model="dllm", messages=[{"role": "user", "content": ex.question}],
+                    max_tokens=spec.gen_length, temperature=0,
+                    extra_body={"vllm_xargs": {"dare_mode": mode}},
+                )
+                answer = out.choices[0].message.content
+                ok = is_correct(ex, answer)
+                wrong += mode == "off" and not ok
+                print(f"[{task}, dare_mode={mode}] {ex.question!r} -> {answer!r} "
+                      f"({'correct' if ok else 'WRONG, expected ' + repr(ex.answer)}; "
+                      f"{time.time() - t:.2f}s)")
 
-        out = client.chat.completions.create(
-            model="dllm",
-            messages=[{"role": "user", "content": "Sort: 9 3 7 1"}],
-            max_tokens=32,
-            extra_body=knobs,
+        stream = client.chat.completions.create(
+            model="dllm", messages=[{"role": "user", "content": "words 512"}],
+            max_tokens=32, stream=True,
         )
-        print(f"[chat] {out.choices[0].message.content!r}")
-
-        stream = client.completions.create(
-            model="dllm", prompt="hello", max_tokens=32, stream=True, extra_body=knobs
-        )
-        print("[stream]", "".join(c.choices[0].text for c in stream if c.choices))
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        print(f"[stream] 'words 512' -> {text!r}")
 
         bad = requests.post(
             f"{base}/v1/completions",
@@ -96,12 +109,25 @@ def main() -> None:
             timeout=60,
         )
         print(f"[bad knobs] HTTP {bad.status_code}: {bad.json()['error']['message']}")
+        metrics = requests.get(f"{base}/metrics", timeout=30).text
+
+        def total(name: str) -> float:
+            return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                       if line.startswith(name + "{"))
+
+        rows = total("vllm_dare:attention_rows_total")
+        print(f"[/metrics] DARE over all requests: {rows:.0f} token-layer rows, "
+              f"K/V reused {total('vllm_dare:kv_rows_reused_total') / rows:.1%}, "
+              f"O reused {total('vllm_dare:o_rows_reused_total') / rows:.1%}")
     finally:
         proc.send_signal(signal.SIGINT)  # the server's own graceful shutdown
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+    if wrong:
+        sys.exit(f"{wrong} exact-mode answer(s) wrong")
+    print("\nall exact-mode answers correct")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ def packaged_command(command: str, model_dir: Path) -> str:
     packaged one and JSON arguments are quoted for the shell."""
     command = re.sub(r"--task-weights (\{[^}]*\})", lambda m: "--task-weights " + shlex.quote(
         m.group(1)), command)
+    command = command.replace("'python -m vllm_dare.training.train'",
+                              "python -m vllm_dare.training.train")
     parts = command.split(" ")
     target = f"vllm_dare/models/{model_dir.name}"
     return " ".join(target if p.startswith("/") else p for p in parts)
@@ -85,12 +87,29 @@ def render(model_dir: Path, harness: dict | None, machine_note: str) -> str:
         "answer and its EOS padding, cross-entropy on masked positions weighted by 1/t"
         + ("; Dream's one-position logit shift" if family == "dream" else "")
         + "), AdamW with a one-cycle schedule, reproducible from the seed:",
-        "",
-        "```bash",
-        card["command"],
-        "```",
-        "",
-        f"{card['steps']} steps, {card['train_minutes']} minutes {machine_note}.",
+    ]
+    stages = []
+    prev = card.get("continued_from")
+    while prev is not None:
+        stages.insert(0, prev)
+        prev = prev.get("continued_from")
+    stages.append(card)
+    for i, stage in enumerate(stages):
+        if len(stages) > 1:
+            lines += ["", f"Stage {i + 1}" + (" (continues from the previous stage's "
+                                              "checkpoint):" if i else ":")]
+        acc = stage["heldout_exact_accuracy_reference_fp32"]
+        lines += [
+            "",
+            "```bash",
+            stage["command"],
+            "```",
+            "",
+            f"{stage['steps']} steps, {stage['train_minutes']} minutes {machine_note}; "
+            "held-out accuracy after it: "
+            + ", ".join(f"{t} {100 * acc[t]:.1f}%" for t in TASKS) + ".",
+        ]
+    lines += [
         "",
         "## Held-out accuracy, exact mode (greedy)",
         "",
@@ -99,7 +118,8 @@ def render(model_dir: Path, harness: dict | None, machine_note: str) -> str:
     header = "| decoding | " + " | ".join(TASKS) + " |"
     lines += [header, "|---" * (len(TASKS) + 1) + "|"]
     lines.append(
-        f"| pure-PyTorch reference on the fp32 training weights ({card['decoding']}) | "
+        f"| pure-PyTorch reference on the fp32 training weights ({card['decoding']}; "
+        "all 200 held-out examples per task) | "
         + " | ".join(f"{100 * ref[t]:.1f}%" for t in TASKS) + " |"
     )
     if harness is not None:
@@ -110,7 +130,9 @@ def render(model_dir: Path, harness: dict | None, machine_note: str) -> str:
         how = (f"vLLM engine on the shipped bf16 weights (computing in {s['dtype']}, "
                f"{s['hardware']}), steps = generation length"
                + (f", block {blk}" if blk else "")
-               + (f", alg {s['dream_alg']}" if s.get("dream_alg") else ""))
+               + (f", alg {s['dream_alg']}" if s.get("dream_alg") else "")
+               + f"; first {min(v['requests'] for v in s['tasks'].values())} held-out "
+               "examples per task")
         lines.append(
             f"| {how} | "
             + " | ".join(f"{100 * exact['tasks'][t]['accuracy']:.1f}%" for t in TASKS) + " |"

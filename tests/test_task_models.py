@@ -1,0 +1,53 @@
+"""The packaged task models: found without network access, load through the same
+code path as the official releases, and answer held-out questions in exact mode
+through the vLLM engine as their model cards say."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from vllm import SamplingParams
+
+from vllm_dare.default_model import DEFAULT_MODEL_DIR, default_model_path, packaged_model_path
+from vllm_dare.training.tasks import TASKS, held_out, is_correct
+from vllm_dare.training.train import prompt_ids
+
+PER_TASK = 25
+
+
+def test_default_model_is_the_trained_llada():
+    path = Path(default_model_path())
+    assert path == DEFAULT_MODEL_DIR
+    config = json.loads((path / "config.json").read_text())
+    assert config["architectures"] == ["LLaDAModelLM"]
+    card = json.loads((path / "training.json").read_text())
+    assert min(card["heldout_exact_accuracy_reference_fp32"].values()) >= 0.9
+    assert (path / "README.md").read_text().startswith("# llada-tasks")
+    # small enough to ship
+    assert (path / "model.safetensors").stat().st_size < 20 * 2**20
+
+
+@pytest.mark.parametrize("name,arch", [("llada-tasks", "LLaDAModelLM"), ("dream-tasks", "DreamModel")])
+def test_task_model_answers_held_out_questions(engines, name, arch):
+    path = packaged_model_path(name)
+    config = json.loads((Path(path) / "config.json").read_text())
+    assert config["architectures"] == [arch]
+    card = json.loads((Path(path) / "training.json").read_text())
+    reference = card["heldout_exact_accuracy_reference_fp32"]
+    llm = engines.get(path)
+    tok = llm.get_tokenizer()
+    for task, spec in TASKS.items():
+        examples = held_out(task)[:PER_TASK]
+        extra = {"dllm_alg": "maskgit_plus"} if arch == "DreamModel" else {}
+        outs = llm.generate(
+            [{"prompt_token_ids": prompt_ids(tok, ex.question)} for ex in examples],
+            SamplingParams(max_tokens=spec.gen_length, extra_args=extra), use_tqdm=False,
+        )
+        correct = sum(is_correct(ex, o.outputs[0].text) for ex, o in zip(examples, outs))
+        # What the card reports (pure-PyTorch reference, all 200 held-out examples),
+        # within sampling slack for a 25-example slice and the bf16 rounding of the
+        # shipped weights; a random model scores 0.
+        assert correct >= (reference[task] - 0.15) * PER_TASK, (name, task, correct, reference)
+        assert correct > 0.5 * PER_TASK, (name, task, correct)
