@@ -38,6 +38,8 @@ def server(tiny_llada, engines, tmp_path_factory):
         "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
         "--max-num-seqs", "4", "--host", "127.0.0.1", "--port", str(port),
         "--attention-backend", "dare",
+        # exact by default; requests opt into reuse with dare_* knobs
+        "--additional-config", '{"dare": {"mode": "off"}}',
         "--middleware",
         "vllm_dare.entrypoints.sampling_middleware.DiffusionSamplingMiddleware",
         # on the CPU build this is the share of the NUMA node's memory vLLM may
