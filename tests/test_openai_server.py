@@ -83,6 +83,23 @@ def test_completion(client):
     assert out.usage.completion_tokens > 0
 
 
+def test_completion_tokens_equal_the_reference_generation(client, tiny_llada):
+    """Exactness through HTTP: the server (DARE backend, mode off) returns the same
+    tokens as the pure-PyTorch reference generation for the same prompt ids."""
+    from vllm_dare.reference import llada_generate, load_reference_model
+
+    ref = load_reference_model(tiny_llada)
+    prompts = [[25, 37, 42, 29, 33], [88, 52, 47, 47, 101, 64, 72, 30, 59]]
+    out = client.completions.create(
+        model="tiny-llada", prompt=prompts, max_tokens=16,
+        extra_body={"ignore_eos": True, "return_token_ids": True,
+                    "vllm_xargs": {"dllm_steps": 16, "dllm_block_length": 8}},
+    )
+    got = {c.index: list(c.token_ids) for c in out.choices}
+    want = [llada_generate(ref.logits, p, ref.spec.mask_token_id, 16, 16, 8) for p in prompts]
+    assert [got[i] for i in range(len(prompts))] == want
+
+
 def test_chat_completion(client):
     out = client.chat.completions.create(
         model="tiny-llada",
