@@ -5,11 +5,12 @@ over a batch of requests, with LLaDA-8B or Dream-7B shapes and random weights:
 
 * exact   -- fused QKV projection of every token, attention of every row
              (PyTorch SDPA, non-causal), output projection;
-* DARE r  -- query projection of every token, query delta against Q_ref (from the
+* DARE r  -- the engine's layer step (``dare_attention.dare_attention_step``):
+             query projection of every token, query delta against Q_ref (from the
              paged cache), K/V projection + cache write of the (1-r) recomputed
-             tokens, attention of the (1-r) recomputed rows over the paged cache,
-             cached O for the reused rows, output projection. A fraction r of the
-             tokens is reused for both K/V and O (chosen at random).
+             tokens, attention and output projection of the (1-r) recomputed rows,
+             cached (projected) O for the reused rows. A fraction r of the tokens is
+             reused for both K/V and O (chosen at random).
 
 Prints a table and writes JSON with every setting. Runs on the GPU (Triton kernels)
 when one is present, else on CPU (vectorised PyTorch ops).
@@ -29,6 +30,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vllm_dare.attention_backends.dare_attention import (
+    DareRuntime,
+    DareStepInputs,
+    dare_attention_step,
+)
+from vllm_dare.attention_backends.dare_backend import DareMetadata
 from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
 from vllm_dare.attention_backends.dare_ops import dare_ops
 
@@ -82,6 +89,11 @@ def run(args) -> dict:
     seq_lens = torch.full((R,), L, dtype=torch.int32, device=device)
     cache = rand(R * blocks_per_req * bs, layout.width)
     scale = D**-0.5
+    meta = DareMetadata(
+        num_actual_tokens=T, num_reqs=R, query_start_loc=torch.arange(R + 1, device=device) * L,
+        seq_lens=seq_lens, block_table=block_table, slot_mapping=slot_mapping,
+        token_req=token_req, causal=False,
+    )
 
     def exact():
         q, k, v = (x @ w_qkv.T).split([H * D, Hkv * D, Hkv * D], dim=-1)
@@ -92,38 +104,42 @@ def run(args) -> dict:
         return o.transpose(1, 2).reshape(T, H * D) @ w_o.T
 
     def dare(reuse_rows: torch.Tensor):
-        recompute = torch.ones(T, dtype=torch.bool, device=device)
-        recompute[reuse_rows] = False
-        rows = torch.nonzero(recompute).squeeze(-1)
-        reused = torch.nonzero(~recompute).squeeze(-1)
+        # The engine's own layer step (``dare_attention_step``). The reuse pattern
+        # is set through its inputs: the recomputed tokens are forced, the reused
+        # ones have Q_ref == q (query delta 0 <= tau), so the predictor runs as in
+        # serving and picks exactly ``reuse_rows``.
+        force = torch.ones(T, dtype=torch.bool, device=device)
+        force[reuse_rows] = False
+        tau = torch.full((T,), 0.05, device=device)
+        runtime = DareRuntime(1, per_head=False, device=device)
+        runtime.begin_step(DareStepInputs(force=force, tau_kv=tau, tau_o=tau,
+                                          kv_is_reference=torch.ones_like(force), any_reuse=True), R)
+        ops.write_rows(x @ w_q.T, torch.arange(T, dtype=torch.int32, device=device),
+                       slot_mapping, cache, layout.qref_offset)
+
+        def project_kv(rows):
+            k, v = (x[rows] @ w_kv.T).split([Hkv * D, Hkv * D], dim=-1)
+            return k, v
 
         def step():
             q = x @ w_q.T
-            ops.query_delta(q, slot_mapping, cache, layout)
-            kv = x[rows] @ w_kv.T
-            k, v = kv.split([Hkv * D, Hkv * D], dim=-1)
-            r32 = rows.to(torch.int32)
-            ops.write_rows(k, r32, slot_mapping, cache, layout.k_offset)
-            ops.write_rows(v, r32, slot_mapping, cache, layout.v_offset)
-            ops.write_rows(q[rows], r32, slot_mapping, cache, layout.qref_offset)
-            out = torch.empty(T, H, D, dtype=dtype, device=device)
-            ops.paged_attention_rows(q.view(T, H, D), cache, layout, block_table, seq_lens,
-                                     r32, token_req[rows], out, bs, scale)
-            o_cols = cache[:, layout.o_offset : layout.o_offset + H * D]
-            out[reused] = o_cols.index_select(0, slot_mapping[reused]).view(-1, H, D)
-            ops.write_rows(out.view(T, H * D)[rows], r32, slot_mapping, cache, layout.o_offset)
-            return out.view(T, H * D) @ w_o.T
+            return dare_attention_step(meta, cache, bs, 0, runtime, layout, scale, q,
+                                       project_kv, lambda o: o @ w_o.T)
 
-        return step
+        return step, runtime
 
     results = []
     t_exact = _time(exact, device, args.reps)
     for rate in args.reuse:
         n = int(round(rate * T))
         reuse_rows = torch.randperm(T, generator=g)[:n].to(device)
-        t = _time(dare(reuse_rows), device, args.reps)
+        step, runtime = dare(reuse_rows)
+        t = _time(step, device, args.reps)
+        counts = runtime.layer_counts[0].tolist()  # tokens, K/V reused, O reused (summed)
         results.append({"reuse": rate, "dare_ms": t * 1e3, "exact_ms": t_exact * 1e3,
-                        "speedup_vs_exact": t_exact / t})
+                        "speedup_vs_exact": t_exact / t,
+                        "measured_kv_reuse": counts[1] / counts[0],
+                        "measured_o_reuse": counts[2] / counts[0]})
     return {
         "benchmark": "dare_attention_layer",
         "shape": args.shape, **s, "batch": R, "seq_len": L, "tokens": T,

@@ -9,8 +9,10 @@ forced to recompute):
 * DARE-KV reuses the token's cached K/V: its key/value projection is not computed
   and its cache slots are not rewritten;
 * DARE-O reuses the token's cached attention output: its attention row is not
-  computed (``paged_attention_rows`` only runs the recomputed rows) and O is read
-  from the cache.
+  computed (``paged_attention_rows`` only runs the recomputed rows) and neither is
+  its output projection; the cache holds the row after the projection (``o_proj``
+  is row-wise and bias-free in LLaDA and Dream, so caching it before or after the
+  projection gives the same output; after it, the reused row skips that matmul too).
 
 Q_ref is rewritten only for tokens whose cached activations were recomputed: those
 whose K/V were recomputed when the request reuses K/V, else those whose O was.
@@ -66,7 +68,11 @@ class DareRuntime:
 
 
 def attend_all_rows(query, key, value, kv_cache, meta: DareMetadata, layout, scale):
-    """Every row recomputed: write K, V, Q_ref and O of all tokens."""
+    """Every row recomputed, for callers that hand over full Q/K/V through vLLM's
+    ``Attention`` op: write K, V and Q_ref of all tokens and attend every row.
+
+    The O rows are left alone: the cache holds O after the output projection,
+    which only the model-side path (``dare_self_attention``) owns."""
     ops = dare_ops(query.device)
     write_rows, paged_attention_rows = ops.write_rows, ops.paged_attention_rows
     T = meta.num_actual_tokens
@@ -81,8 +87,11 @@ def attend_all_rows(query, key, value, kv_cache, meta: DareMetadata, layout, sca
     paged_attention_rows(q.view(T, layout.num_heads, layout.head_dim), cache, layout,
                          meta.block_table, meta.seq_lens, rows, meta.token_req, out,
                          block_size, scale)
-    write_rows(out.view(T, layout.q_width), rows, meta.slot_mapping, cache, layout.o_offset)
     return out
+
+
+ProjectKV = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+ProjectO = Callable[[torch.Tensor], torch.Tensor]
 
 
 def dare_self_attention(
@@ -92,27 +101,48 @@ def dare_self_attention(
     layout: DareCacheLayout,
     scale: float,
     q: torch.Tensor,  # [T, num_heads * head_dim], RoPE applied
-    project_kv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    project_kv: ProjectKV,
+    project_o: ProjectO,
 ) -> torch.Tensor:
-    """Attention output ``[T, num_heads * head_dim]`` of one layer.
+    """Projected attention output ``[T, num_heads * head_dim]`` of one layer.
 
     ``project_kv(rows)`` returns the keys (RoPE applied) and values of the given
-    token rows, ``[R, kv_width]`` each; it is called for the recomputed rows only.
+    token rows, ``[R, kv_width]`` each; ``project_o(o)`` is the output projection of
+    attention rows ``[R, num_heads * head_dim]``. Both are called for the recomputed
+    rows only.
     """
     meta, _, kv_cache, _ = get_attention_context(layer_name)
-    ops = runtime.ops
-    write_rows, paged_attention_rows = ops.write_rows, ops.paged_attention_rows
-    T = q.shape[0]
     if meta is None:  # profiling / dummy run: shapes only
-        k, v = project_kv(torch.arange(T, device=q.device))
-        return torch.zeros_like(q)
+        T = q.shape[0]
+        project_kv(torch.arange(T, device=q.device))
+        return project_o(torch.zeros_like(q))
     assert isinstance(meta, DareMetadata)
     if meta.causal:
         raise RuntimeError("DARE attention is bidirectional; got a causal batch")
-    T = meta.num_actual_tokens
-    q = q[:T]
     cache = slot_rows(kv_cache, layout, q.dtype)
     block_size = cache.shape[0] // kv_cache.shape[0]
+    return dare_attention_step(meta, cache, block_size, layer_index, runtime, layout, scale,
+                               q, project_kv, project_o)
+
+
+def dare_attention_step(
+    meta: DareMetadata,
+    cache: torch.Tensor,  # [num_slots, layout.width] (``slot_rows``)
+    block_size: int,
+    layer_index: int,
+    runtime: DareRuntime,
+    layout: DareCacheLayout,
+    scale: float,
+    q: torch.Tensor,
+    project_kv: ProjectKV,
+    project_o: ProjectO,
+) -> torch.Tensor:
+    """``dare_self_attention`` on an explicit batch: its metadata and the layer's
+    cache as slot rows."""
+    ops = runtime.ops
+    write_rows, paged_attention_rows = ops.write_rows, ops.paged_attention_rows
+    T = meta.num_actual_tokens
+    q = q[:T]
     step = runtime.step
     if step is not None and step.force.shape[0] != T:
         step = None  # not this batch's inputs (dummy run)
@@ -143,18 +173,29 @@ def dare_self_attention(
         write_rows(q[ref_rows], ref_rows.to(torch.int32), meta.slot_mapping, cache,
                    layout.qref_offset)
 
-    out = torch.empty(T, layout.num_heads, layout.head_dim, dtype=q.dtype, device=q.device)
+    # Attention and output projection of the recomputed rows only; the reused
+    # rows' projected outputs come from the cache.
+    R = o_rows.numel()
     o_rows32 = o_rows.to(torch.int32)
-    paged_attention_rows(q.view(T, layout.num_heads, layout.head_dim), cache, layout,
-                         meta.block_table, meta.seq_lens, o_rows32, meta.token_req[o_rows],
-                         out, block_size, scale)
-    reused_o = all_rows[~recompute_o]
-    if reused_o.numel():
+    attn = torch.empty(R, layout.num_heads, layout.head_dim, dtype=q.dtype, device=q.device)
+    if R:
+        # The kernel writes row i of its output at position row_token[i]; here
+        # the recomputed rows are packed, so position i of ``attn``.
+        packed = torch.arange(R, device=q.device, dtype=torch.int32)
+        paged_attention_rows(q[o_rows].view(R, layout.num_heads, layout.head_dim), cache,
+                             layout, meta.block_table, meta.seq_lens, packed,
+                             meta.token_req[o_rows], attn, block_size, scale)
+    if R == T:
+        out = project_o(attn.view(T, layout.q_width))
+    else:
+        out = torch.empty(T, layout.q_width, dtype=q.dtype, device=q.device)
+        reused_o = all_rows[~recompute_o]
         o_cols = cache[:, layout.o_offset : layout.o_offset + layout.q_width]
-        cached = o_cols.index_select(0, meta.slot_mapping[reused_o])
-        out[reused_o] = cached.view(-1, layout.num_heads, layout.head_dim)
-    if o_rows.numel():
-        write_rows(out.view(T, layout.q_width)[o_rows], o_rows32, meta.slot_mapping, cache,
+        out[reused_o] = o_cols.index_select(0, meta.slot_mapping[reused_o])
+        if R:
+            out[o_rows] = project_o(attn.view(R, layout.q_width))
+    if R:
+        write_rows(out if R == T else out[o_rows], o_rows32, meta.slot_mapping, cache,
                    layout.o_offset)
 
     # Counters: tokens, K/V reused, O reused (per layer and per request).
@@ -163,4 +204,4 @@ def dare_self_attention(
     runtime.layer_counts[layer_index] += reused.sum(dim=0)
     if runtime.request_counts.shape[0]:
         runtime.request_counts.index_add_(0, meta.token_req.long(), reused)
-    return out.view(T, layout.q_width)
+    return out

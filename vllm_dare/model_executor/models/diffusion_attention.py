@@ -4,7 +4,8 @@ Without DARE it is vLLM's usual fused-QKV attention (``self.attn(q, k, v)``) run
 non-causally. With ``--attention-backend dare`` the projections are loaded as two
 layers, ``q_proj`` and a fused ``kv_proj``: the layer computes the query of every
 token, lets ``dare_self_attention`` decide which tokens' keys/values and attention
-outputs are reused, and runs ``kv_proj`` on the recomputed tokens only.
+outputs are reused, and runs ``kv_proj`` and ``o_proj`` on the recomputed tokens
+only (the DARE cache holds a token's attention output after ``o_proj``).
 """
 
 from __future__ import annotations
@@ -67,8 +68,14 @@ class DiffusionSelfAttention(nn.Module):
                 quant_config=quant_config, prefix=f"{prefix}.qkv_proj",
             )
         else:
-            if num_kv_heads % tp_size != 0:
-                raise ValueError("the DARE backend needs num_kv_heads divisible by TP size")
+            if tp_size != 1:
+                # The query delta is taken over all heads of a token, and the O
+                # cache holds the projected (all-reduced) output row: both need
+                # the whole layer on one rank.
+                raise ValueError("the DARE backend supports tensor_parallel_size 1 only")
+            if hidden_size != num_heads * self.head_dim:
+                raise ValueError("the DARE backend needs hidden_size == num_heads * head_dim "
+                                 "(its O cache rows hold the projected output)")
             self.q_proj = ColumnParallelLinear(
                 hidden_size, num_heads * self.head_dim, bias=qkv_bias,
                 quant_config=quant_config, prefix=f"{prefix}.q_proj",
@@ -112,10 +119,9 @@ class DiffusionSelfAttention(nn.Module):
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q, k = self._rope(positions, q, k)
             out = self.attn(q, k, v)
-        else:
-            out = self._dare_forward(positions, hidden_states)
-        output, _ = self.o_proj(out)
-        return output
+            output, _ = self.o_proj(out)
+            return output
+        return self._dare_forward(positions, hidden_states)
 
     def _dare_forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, _ = self.q_proj(x)
@@ -127,7 +133,11 @@ class DiffusionSelfAttention(nn.Module):
             k, _ = self._rope(positions[rows], k.contiguous(), None)
             return k, v.contiguous()
 
+        def project_o(attn_rows: torch.Tensor) -> torch.Tensor:
+            out, _ = self.o_proj(attn_rows)
+            return out
+
         return dare_self_attention(
             self.attn.layer_name, self.layer_index, self.dare_runtime, self.layout,
-            self.scale, q, project_kv,
+            self.scale, q, project_kv, project_o,
         )

@@ -1,0 +1,138 @@
+"""One DARE attention layer step (``dare_attention_step``) on an explicit batch:
+the model-side path that decides reuse, skips the K/V and output projections of
+reused tokens, attends only the recomputed rows and serves the reused rows' projected
+outputs from the paged cache. Checked against dense attention in plain PyTorch."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vllm_dare.attention_backends.dare_attention import (
+    DareRuntime,
+    DareStepInputs,
+    dare_attention_step,
+)
+from vllm_dare.attention_backends.dare_backend import DareMetadata
+from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
+
+H, HKV, D, BLOCK = 4, 2, 16, 16
+SEQ_LENS = [9, 14]
+
+
+class Layer:
+    """Random projections and a paged batch of two requests."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        hidden = H * D
+        self.layout = DareCacheLayout(H, HKV, D)
+        self.w_q = torch.randn(H * D, hidden, generator=g) / hidden**0.5
+        self.w_kv = torch.randn(2 * HKV * D, hidden, generator=g) / hidden**0.5
+        self.w_o = torch.randn(hidden, H * D, generator=g) / hidden**0.5
+        self.T = sum(SEQ_LENS)
+        self.x = torch.randn(self.T, hidden, generator=g)
+        # request 1's blocks come first in the pool but are listed second: paging
+        block_table = torch.tensor([[2, 3], [0, 1]], dtype=torch.int32)
+        slots, token_req = [], []
+        for r, n in enumerate(SEQ_LENS):
+            for p in range(n):
+                slots.append(int(block_table[r, p // BLOCK]) * BLOCK + p % BLOCK)
+                token_req.append(r)
+        self.meta = DareMetadata(
+            num_actual_tokens=self.T, num_reqs=2,
+            query_start_loc=torch.tensor([0, SEQ_LENS[0], self.T]),
+            seq_lens=torch.tensor(SEQ_LENS, dtype=torch.int32), block_table=block_table,
+            slot_mapping=torch.tensor(slots), token_req=torch.tensor(token_req, dtype=torch.int32),
+            causal=False,
+        )
+        self.cache = torch.randn(4 * BLOCK, self.layout.width, generator=g)
+        self.runtime = DareRuntime(1, per_head=False, device=torch.device("cpu"))
+        self.kv_calls: list[int] = []
+        self.o_calls: list[int] = []
+
+    def step(self, force: torch.Tensor | None, tau: float = 0.05) -> torch.Tensor:
+        if force is None:
+            self.runtime.begin_step(None, 2)
+        else:
+            t = torch.full((self.T,), tau)
+            self.runtime.begin_step(DareStepInputs(force, t, t, torch.ones_like(force), True), 2)
+
+        def project_kv(rows):
+            self.kv_calls.append(rows.numel())
+            kv = self.x[rows] @ self.w_kv.T
+            return kv[:, : HKV * D].contiguous(), kv[:, HKV * D :].contiguous()
+
+        def project_o(o):
+            self.o_calls.append(o.shape[0])
+            return o @ self.w_o.T
+
+        q = self.x @ self.w_q.T
+        return dare_attention_step(self.meta, self.cache, BLOCK, 0, self.runtime, self.layout,
+                                   D**-0.5, q, project_kv, project_o)
+
+    def dense(self) -> torch.Tensor:
+        """Exact bidirectional attention + output projection of every token."""
+        outs, start = [], 0
+        for n in SEQ_LENS:
+            x = self.x[start : start + n]
+            start += n
+            q = (x @ self.w_q.T).view(n, H, D).transpose(0, 1)
+            k, v = (x @ self.w_kv.T).split(HKV * D, dim=-1)
+            k = k.reshape(n, HKV, D).transpose(0, 1).repeat_interleave(H // HKV, 0)
+            v = v.reshape(n, HKV, D).transpose(0, 1).repeat_interleave(H // HKV, 0)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=False)
+            outs.append(o.transpose(0, 1).reshape(n, H * D) @ self.w_o.T)
+        return torch.cat(outs)
+
+
+def test_first_step_computes_every_row_exactly():
+    layer = Layer()
+    out = layer.step(None)
+    torch.testing.assert_close(out, layer.dense(), rtol=1e-5, atol=1e-5)
+    assert layer.kv_calls == [layer.T] and layer.o_calls == [layer.T]
+    assert layer.runtime.layer_counts[0].tolist() == [layer.T, 0, 0]
+
+
+def test_reused_rows_skip_projections_and_attention_and_come_from_the_cache():
+    layer = Layer()
+    first = layer.step(None)
+    layer.kv_calls.clear()
+    layer.o_calls.clear()
+    force = torch.zeros(layer.T, dtype=torch.bool)
+    force[[0, 5, 11, 20]] = True
+    # Same inputs: every unforced token has query delta 0 and is reused.
+    second = layer.step(force)
+    assert layer.kv_calls == [4] and layer.o_calls == [4]
+    torch.testing.assert_close(second, first, rtol=1e-5, atol=1e-5)
+    assert layer.runtime.layer_counts[0].tolist() == [layer.T, layer.T - 4, layer.T - 4]
+
+
+def test_changed_token_recomputes_and_reused_rows_keep_their_cached_output():
+    layer = Layer()
+    first = layer.step(None)
+    layer.x[3] = torch.randn(layer.x.shape[1], generator=torch.Generator().manual_seed(1))
+    force = torch.zeros(layer.T, dtype=torch.bool)
+    force[3] = True  # its input changed (just unmasked)
+    out = layer.step(force, tau=1e-3)
+    # Token 3's query moved, so by the predictor only row 3 is recomputed, with the
+    # new K/V of token 3 in its request's attention.
+    want = layer.dense()
+    torch.testing.assert_close(out[3], want[3], rtol=1e-5, atol=1e-5)
+    kept = torch.ones(layer.T, dtype=torch.bool)
+    kept[3] = False
+    assert torch.equal(out[kept], first[kept])
+    # Its request's other rows did change in the exact output: reuse is a real
+    # approximation here, not a no-op.
+    assert not torch.allclose(want[: SEQ_LENS[0]][kept[: SEQ_LENS[0]]],
+                              first[: SEQ_LENS[0]][kept[: SEQ_LENS[0]]], atol=1e-4)
+
+
+def test_query_drift_above_tau_recomputes_without_forcing():
+    layer = Layer()
+    layer.step(None)
+    layer.x[15] *= 1.5  # the query of token 15 moves by 50% (relative)
+    layer.kv_calls.clear()
+    layer.step(torch.zeros(layer.T, dtype=torch.bool), tau=0.2)
+    assert layer.kv_calls == [1]
+    torch.testing.assert_close(layer.step(None)[15], layer.dense()[15], rtol=1e-5, atol=1e-5)
