@@ -85,13 +85,19 @@ def main() -> None:
                      "speedup_vs_exact": t_exact / seconds, "kv_reuse": kv / tl,
                      "o_reuse": ov / tl, "token_agreement": same / total})
     model_name = Path(args.model).name  # no machine paths in the report
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    size_keys = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size",
+                 "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "intermediate_size")
+    model_size = {k: config[k] for k in size_keys if k in config}
     report = {
-        "benchmark": "dare_end_to_end", "model": model_name, "mode": args.mode,
+        "benchmark": "dare_end_to_end", "model": model_name, "model_size": model_size,
+        "mode": args.mode,
         "batch": args.batch, "prompt_len": args.prompt_len, "gen_length": args.gen_length,
         "block_length": args.block_length, "steps": args.steps,
         "device": f"CPU {platform.machine()} (vLLM CPU build)", "rows": rows,
     }
-    print(f"DARE end to end: {model_name}, batch {args.batch}, prompt {args.prompt_len}, "
+    print(f"DARE end to end: {model_name} {model_size}, batch {args.batch}, prompt {args.prompt_len}, "
           f"gen {args.gen_length}, block {args.block_length}, steps {args.steps}, "
           f"mode {args.mode}, {report['device']}; exact {t_exact:.2f}s")
     print(f"{'tau':>6} {'seconds':>8} {'vs exact':>9} {'kv reuse':>9} {'o reuse':>8} {'agree':>6}")
