@@ -182,7 +182,8 @@ def dare_attention_step(
         # The kernel writes row i of its output at position row_token[i]; here
         # the recomputed rows are packed, so position i of ``attn``.
         packed = torch.arange(R, device=q.device, dtype=torch.int32)
-        paged_attention_rows(q[o_rows].view(R, layout.num_heads, layout.head_dim), cache,
+        q_rows = q if R == T else q[o_rows]
+        paged_attention_rows(q_rows.view(R, layout.num_heads, layout.head_dim), cache,
                              layout, meta.block_table, meta.seq_lens, packed,
                              meta.token_req[o_rows], attn, block_size, scale)
     if R == T:
