@@ -26,6 +26,13 @@ DESCRIPTIONS = {
 }
 
 
+def _held_out_share(n: int) -> str:
+    total = min(len(held_out(t)) for t in TASKS)
+    if n >= total:
+        return f"all {total} held-out examples per task"
+    return f"first {n} held-out examples per task"
+
+
 def packaged_command(command: str, model_dir: Path) -> str:
     """The training command as a user reruns it: the output folder becomes the
     packaged one and JSON arguments are quoted for the shell."""
@@ -131,8 +138,7 @@ def render(model_dir: Path, harness: dict | None, machine_note: str) -> str:
                f"{s['hardware']}), steps = generation length"
                + (f", block {blk}" if blk else "")
                + (f", alg {s['dream_alg']}" if s.get("dream_alg") else "")
-               + f"; first {min(v['requests'] for v in s['tasks'].values())} held-out "
-               "examples per task")
+               + "; " + _held_out_share(min(v["requests"] for v in s["tasks"].values())))
         lines.append(
             f"| {how} | "
             + " | ".join(f"{100 * exact['tasks'][t]['accuracy']:.1f}%" for t in TASKS) + " |"
