@@ -150,13 +150,14 @@ def dare_attention_step(
     all_rows = torch.arange(T, device=q.device)
     if step is None or not step.any_reuse:
         recompute_kv = recompute_o = torch.ones(T, dtype=torch.bool, device=q.device)
+        kv_rows = o_rows = all_rows  # nothing to select
     else:
         head_delta, token_delta = ops.query_delta(q, meta.slot_mapping, cache, layout)
         delta = head_delta.amax(dim=-1) if runtime.per_head else token_delta
         recompute_kv = step.force | ~(delta <= step.tau_kv) | (step.tau_kv <= 0)
         recompute_o = step.force | ~(delta <= step.tau_o) | (step.tau_o <= 0)
-    kv_rows = all_rows[recompute_kv]
-    o_rows = all_rows[recompute_o]
+        kv_rows = all_rows[recompute_kv]
+        o_rows = all_rows[recompute_o]
 
     # K/V projection of the recomputed rows only.
     if kv_rows.numel():
@@ -176,7 +177,6 @@ def dare_attention_step(
     # Attention and output projection of the recomputed rows only; the reused
     # rows' projected outputs come from the cache.
     R = o_rows.numel()
-    o_rows32 = o_rows.to(torch.int32)
     attn = torch.empty(R, layout.num_heads, layout.head_dim, dtype=q.dtype, device=q.device)
     if R:
         # The kernel writes row i of its output at position row_token[i]; here
@@ -196,8 +196,8 @@ def dare_attention_step(
         if R:
             out[o_rows] = project_o(attn.view(R, layout.q_width))
     if R:
-        write_rows(out if R == T else out[o_rows], o_rows32, meta.slot_mapping, cache,
-                   layout.o_offset)
+        write_rows(out if R == T else out[o_rows], o_rows.to(torch.int32), meta.slot_mapping,
+                   cache, layout.o_offset)
 
     # Counters: tokens, K/V reused, O reused (per layer and per request).
     reused = torch.stack([torch.ones_like(recompute_kv), ~recompute_kv, ~recompute_o], dim=1)
