@@ -1,19 +1,33 @@
-"""Per-layer attention time of DARE vs. the exact path at forced reuse rates.
+"""Attention-layer (or decoder-stack) time of DARE vs. the exact path at forced reuse
+rates.
 
-One bidirectional attention layer (Q/K/V projections, attention, output projection)
-over a batch of requests, with LLaDA-8B or Dream-7B shapes and random weights:
+Random weights with LLaDA-8B or Dream-7B shapes, a batch of requests in a paged
+cache, and one of two scopes:
 
-* exact   -- fused QKV projection of every token, attention of every row
-             (PyTorch SDPA, non-causal), output projection;
-* DARE r  -- the engine's layer step (``dare_attention.dare_attention_step``):
-             query projection of every token, query delta against Q_ref (from the
-             paged cache), K/V projection + cache write of the (1-r) recomputed
-             tokens, attention and output projection of the (1-r) recomputed rows,
-             cached (projected) O for the reused rows. A fraction r of the tokens is
-             reused for both K/V and O (chosen at random).
+* ``--scope attention`` (default): one attention layer (Q/K/V projections,
+  attention, output projection);
+* ``--scope decoder --layers N``: N full pre-norm decoder layers (RMSNorm, attention,
+  residual, RMSNorm, SwiGLU MLP, residual), i.e. one denoising forward without the
+  embedding and LM head. DARE never skips the MLP, so this bounds what DARE can
+  buy end to end. RoPE is left out of both sides.
+
+Timed per setting (same run, same inputs):
+
+* exact     -- fused QKV projection of every token, PyTorch SDPA (non-causal),
+               output projection;
+* engine off -- the engine's layer step with nothing reusable (DARE mode off:
+               what the DARE backend runs in exact mode; paged kernels);
+* DARE r    -- the engine's layer step (``dare_layer_step.dare_attention_step``):
+               query projection of every token, query delta against Q_ref (from the
+               paged cache), K/V projection + cache write of the (1-r) recomputed
+               tokens, attention and output projection of the (1-r) recomputed rows,
+               cached (projected) O for the reused rows. A random fraction r of the
+               tokens is not forced and has tau above any query delta, so the
+               predictor runs as in serving and reuses exactly those (K/V and O).
 
 Prints a table and writes JSON with every setting. Runs on the GPU (Triton kernels)
-when one is present, else on CPU (vectorised PyTorch ops).
+when one is present, else on CPU (vectorised PyTorch ops). ``--profile`` prints the
+busiest ops of one DARE forward at each reuse rate (torch profiler).
 
     .venv/bin/python benchmarks/dare_attention.py --shape llada-8b --seq-len 256
 """
@@ -30,19 +44,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vllm_dare.attention_backends.dare_attention import (
+from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
+from vllm_dare.attention_backends.dare_layer_step import (
     DareRuntime,
     DareStepInputs,
     dare_attention_step,
 )
-from vllm_dare.attention_backends.dare_backend import DareMetadata
-from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
+from vllm_dare.attention_backends.dare_metadata import DareMetadata
 from vllm_dare.attention_backends.dare_ops import dare_ops
 
 SHAPES = {
-    "llada-8b": dict(hidden=4096, heads=32, kv_heads=32, head_dim=128),
-    "dream-7b": dict(hidden=3584, heads=28, kv_heads=4, head_dim=128),
-    "tiny": dict(hidden=128, heads=4, kv_heads=4, head_dim=32),
+    "llada-8b": dict(hidden=4096, heads=32, kv_heads=32, head_dim=128, intermediate=12288,
+                     num_layers=32),
+    "dream-7b": dict(hidden=3584, heads=28, kv_heads=4, head_dim=128, intermediate=18944,
+                     num_layers=28),
+    "tiny": dict(hidden=128, heads=4, kv_heads=4, head_dim=32, intermediate=384, num_layers=2),
 }
 
 
@@ -63,92 +79,156 @@ def _time(fn, device, reps: int) -> float:
     return statistics.median(times)
 
 
+class Stack:
+    """Random layers of one shape and a paged batch (every request ``seq_len`` long)."""
+
+    def __init__(self, args, device, dtype):
+        s = SHAPES[args.shape]
+        self.H, self.Hkv, self.D, self.hidden = s["heads"], s["kv_heads"], s["head_dim"], s["hidden"]
+        H, Hkv, D, hidden = self.H, self.Hkv, self.D, self.hidden
+        self.mlp = args.scope == "decoder"
+        self.num_layers = args.layers
+        self.layout = DareCacheLayout(H, Hkv, D)
+        self.device, self.dtype = device, dtype
+        self.g = torch.Generator().manual_seed(0)  # reuse patterns
+        g = torch.Generator(device=device).manual_seed(0)  # weights, inputs, caches
+
+        def rand(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+        inter = s["intermediate"]
+        self.layers = []
+        for _ in range(self.num_layers):
+            w = {"qkv": rand((H + 2 * Hkv) * D, hidden, scale=hidden**-0.5),
+                 "o": rand(hidden, H * D, scale=(H * D) ** -0.5)}
+            if self.mlp:
+                w["gate_up"] = rand(2 * inter, hidden, scale=hidden**-0.5)
+                w["down"] = rand(hidden, inter, scale=inter**-0.5)
+                w["norm1"] = torch.ones(hidden, device=device, dtype=dtype)
+                w["norm2"] = torch.ones(hidden, device=device, dtype=dtype)
+            w["q"], w["kv"] = w["qkv"][: H * D], w["qkv"][H * D :]
+            self.layers.append(w)
+        R, L, bs = args.batch, args.seq_len, args.block_size
+        self.R, self.L, self.bs, self.T = R, L, bs, R * L
+        self.x = rand(self.T, hidden)
+        blocks_per_req = (L + bs - 1) // bs
+        block_table = torch.arange(R * blocks_per_req, dtype=torch.int32,
+                                   device=device).view(R, -1)
+        pos = torch.arange(L, device=device)
+        slot_mapping = torch.cat([block_table[r, pos // bs].long() * bs + pos % bs
+                                  for r in range(R)])
+        self.caches = [rand(R * blocks_per_req * bs, self.layout.width)
+                       for _ in range(self.num_layers)]
+        self.meta = DareMetadata(
+            num_actual_tokens=self.T, num_reqs=R,
+            query_start_loc=torch.arange(R + 1, device=device) * L,
+            seq_lens=torch.full((R,), L, dtype=torch.int32, device=device),
+            block_table=block_table, slot_mapping=slot_mapping,
+            token_req=torch.arange(R, device=device, dtype=torch.int32).repeat_interleave(L),
+            causal=False, max_query_len=L,
+        )
+        self.scale = D**-0.5
+
+    def _mlp(self, x, w):
+        gate, up = (F.rms_norm(x, (self.hidden,), w["norm2"]) @ w["gate_up"].T).chunk(2, dim=-1)
+        return x + (F.silu(gate) * up) @ w["down"].T
+
+    def exact(self):
+        H, Hkv, D, R, L, T = self.H, self.Hkv, self.D, self.R, self.L, self.T
+        x = self.x
+        for w in self.layers:
+            h = F.rms_norm(x, (self.hidden,), w["norm1"]) if self.mlp else x
+            q, k, v = (h @ w["qkv"].T).split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q = q.view(R, L, H, D).transpose(1, 2)
+            k = k.view(R, L, Hkv, D).transpose(1, 2)
+            v = v.view(R, L, Hkv, D).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=Hkv != H)
+            attn = o.transpose(1, 2).reshape(T, H * D) @ w["o"].T
+            x = self._mlp(x + attn, w) if self.mlp else attn
+        return x
+
+    def dare(self, runtime: DareRuntime):
+        Hkv, D = self.Hkv, self.D
+        x = self.x
+        for i, w in enumerate(self.layers):
+            h = F.rms_norm(x, (self.hidden,), w["norm1"]) if self.mlp else x
+
+            def project_kv(rows, h=h, w=w):
+                k, v = (h[rows] @ w["kv"].T).split([Hkv * D, Hkv * D], dim=-1)
+                return k, v
+
+            attn = dare_attention_step(self.meta, self.caches[i], self.bs, i, runtime,
+                                       self.layout, self.scale, h @ w["q"].T, project_kv,
+                                       lambda o, w=w: o @ w["o"].T)
+            x = self._mlp(x + attn, w) if self.mlp else attn
+        return x
+
+    def runtime(self, reuse_rows: torch.Tensor | None) -> DareRuntime:
+        """A runtime whose step reuses exactly ``reuse_rows`` (None: DARE off)."""
+        runtime = DareRuntime(self.num_layers, per_head=False, device=self.device)
+        if reuse_rows is None:
+            runtime.begin_step(None, self.R)
+            return runtime
+        force = torch.ones(self.T, dtype=torch.bool, device=self.device)
+        force[reuse_rows] = False
+        tau = torch.full((self.T,), 1e30, device=self.device)
+        runtime.begin_step(DareStepInputs(force=force, tau_kv=tau, tau_o=tau,
+                                          kv_is_reference=torch.ones_like(force),
+                                          any_reuse=True), self.R)
+        return runtime
+
+
+def _profile(fn, device) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    _sync(device)
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60)
+
+
 def run(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
-    s = SHAPES[args.shape]
-    H, Hkv, D, hidden = s["heads"], s["kv_heads"], s["head_dim"], s["hidden"]
-    layout = DareCacheLayout(H, Hkv, D)
+    stack = Stack(args, device, dtype)
     ops = dare_ops(device)
-    g = torch.Generator().manual_seed(0)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device, dtype)
-
-    R, L, bs = args.batch, args.seq_len, args.block_size
-    T = R * L
-    w_qkv = rand((H + 2 * Hkv) * D, hidden, scale=hidden**-0.5)
-    w_q, w_kv = w_qkv[: H * D], w_qkv[H * D :]
-    w_o = rand(hidden, H * D, scale=(H * D) ** -0.5)
-    x = rand(T, hidden)
-    blocks_per_req = (L + bs - 1) // bs
-    block_table = torch.arange(R * blocks_per_req, dtype=torch.int32, device=device).view(R, -1)
-    pos = torch.arange(L, device=device)
-    slot_mapping = torch.cat([block_table[r, pos // bs].long() * bs + pos % bs for r in range(R)])
-    token_req = torch.arange(R, device=device, dtype=torch.int32).repeat_interleave(L)
-    seq_lens = torch.full((R,), L, dtype=torch.int32, device=device)
-    cache = rand(R * blocks_per_req * bs, layout.width)
-    scale = D**-0.5
-    meta = DareMetadata(
-        num_actual_tokens=T, num_reqs=R, query_start_loc=torch.arange(R + 1, device=device) * L,
-        seq_lens=seq_lens, block_table=block_table, slot_mapping=slot_mapping,
-        token_req=token_req, causal=False,
-    )
-
-    def exact():
-        q, k, v = (x @ w_qkv.T).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = q.view(R, L, H, D).transpose(1, 2)
-        k = k.view(R, L, Hkv, D).transpose(1, 2)
-        v = v.view(R, L, Hkv, D).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=Hkv != H)
-        return o.transpose(1, 2).reshape(T, H * D) @ w_o.T
-
-    def dare(reuse_rows: torch.Tensor):
-        # The engine's own layer step (``dare_attention_step``). The reuse pattern
-        # is set through its inputs: the recomputed tokens are forced, the reused
-        # ones have Q_ref == q (query delta 0 <= tau), so the predictor runs as in
-        # serving and picks exactly ``reuse_rows``.
-        force = torch.ones(T, dtype=torch.bool, device=device)
-        force[reuse_rows] = False
-        tau = torch.full((T,), 0.05, device=device)
-        runtime = DareRuntime(1, per_head=False, device=device)
-        runtime.begin_step(DareStepInputs(force=force, tau_kv=tau, tau_o=tau,
-                                          kv_is_reference=torch.ones_like(force), any_reuse=True), R)
-        ops.write_rows(x @ w_q.T, torch.arange(T, dtype=torch.int32, device=device),
-                       slot_mapping, cache, layout.qref_offset)
-
-        def project_kv(rows):
-            k, v = (x[rows] @ w_kv.T).split([Hkv * D, Hkv * D], dim=-1)
-            return k, v
-
-        def step():
-            q = x @ w_q.T
-            return dare_attention_step(meta, cache, bs, 0, runtime, layout, scale, q,
-                                       project_kv, lambda o: o @ w_o.T)
-
-        return step, runtime
-
+    t_exact = _time(stack.exact, device, args.reps)
+    off = stack.runtime(None)
+    t_off = _time(lambda: stack.dare(off), device, args.reps)
     results = []
-    t_exact = _time(exact, device, args.reps)
     for rate in args.reuse:
-        n = int(round(rate * T))
-        reuse_rows = torch.randperm(T, generator=g)[:n].to(device)
-        step, runtime = dare(reuse_rows)
-        t = _time(step, device, args.reps)
-        counts = runtime.layer_counts[0].tolist()  # tokens, K/V reused, O reused (summed)
+        n = int(round(rate * stack.T))
+        reuse_rows = torch.randperm(stack.T, generator=stack.g)[:n].to(device)
+        runtime = stack.runtime(reuse_rows)
+        runtime.layer_counts.zero_()
+        t = _time(lambda: stack.dare(runtime), device, args.reps)
+        counts = runtime.layer_counts.sum(0).tolist()  # tokens, K/V reused, O reused
         results.append({"reuse": rate, "dare_ms": t * 1e3, "exact_ms": t_exact * 1e3,
                         "speedup_vs_exact": t_exact / t,
+                        "speedup_vs_engine_off": t_off / t,
                         "measured_kv_reuse": counts[1] / counts[0],
                         "measured_o_reuse": counts[2] / counts[0]})
+        if args.profile:
+            print(f"--- profile, reuse {rate}")
+            print(_profile(lambda: stack.dare(runtime), device))
+    s = SHAPES[args.shape]
     return {
-        "benchmark": "dare_attention_layer",
-        "shape": args.shape, **s, "batch": R, "seq_len": L, "tokens": T,
-        "block_size": bs, "dtype": args.dtype, "reps": args.reps,
+        "benchmark": "dare_attention_layer" if args.scope == "attention" else "dare_decoder_stack",
+        "scope": args.scope, "layers": args.layers,
+        "shape": args.shape, **{k: v for k, v in s.items() if k != "num_layers"},
+        "batch": stack.R, "seq_len": stack.L, "tokens": stack.T,
+        "block_size": stack.bs, "dtype": args.dtype, "reps": args.reps,
         "device": torch.cuda.get_device_name() if device.type == "cuda"
         else f"CPU ({platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
         "kernels": ops.__name__.rsplit(".", 1)[-1],
         "exact_ms": t_exact * 1e3,
+        "engine_off_ms": t_off * 1e3,
         "results": results,
     }
 
@@ -156,25 +236,37 @@ def run(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llada-8b")
+    parser.add_argument("--scope", choices=["attention", "decoder"], default="attention")
+    parser.add_argument("--layers", type=int, default=1,
+                        help="number of layers (decoder scope; the model has "
+                             "32 for llada-8b, 28 for dream-7b)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--reuse", type=float, nargs="+", default=[0.0, 0.5, 0.87, 0.95])
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     report = run(args)
-    print(f"DARE attention layer, {report['shape']} (hidden {report['hidden']}, heads "
+    what = ("attention layer" if args.scope == "attention"
+            else f"{args.layers} decoder layers (attention + SwiGLU MLP)")
+    print(f"DARE {what}, {report['shape']} (hidden {report['hidden']}, heads "
           f"{report['heads']}/{report['kv_heads']}, head_dim {report['head_dim']}), "
           f"batch {report['batch']} x seq {report['seq_len']}, block {report['block_size']}, "
           f"{report['dtype']}, {report['device']}, kernels: {report['kernels']}")
-    print(f"{'reuse':>6} {'exact ms':>10} {'DARE ms':>10} {'speed-up':>9}")
+    print(f"exact (SDPA) {report['exact_ms']:.2f} ms; engine step with nothing reused "
+          f"{report['engine_off_ms']:.2f} ms "
+          f"({report['exact_ms'] / report['engine_off_ms']:.2f}x)")
+    print(f"{'reuse':>6} {'exact ms':>10} {'DARE ms':>10} {'vs exact':>9} {'vs off':>8}")
     for r in report["results"]:
         print(f"{r['reuse']:>6.2f} {r['exact_ms']:>10.2f} {r['dare_ms']:>10.2f} "
-              f"{r['speedup_vs_exact']:>8.2f}x")
-    out = Path(args.out or f"benchmarks/results/dare_attention_{report['shape']}_"
-               f"{'cuda' if torch.cuda.is_available() else 'cpu'}.json")
+              f"{r['speedup_vs_exact']:>8.2f}x {r['speedup_vs_engine_off']:>7.2f}x")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    scope = "" if args.scope == "attention" else f"_decoder{args.layers}"
+    out = Path(args.out or f"benchmarks/results/dare_attention_{report['shape']}{scope}_"
+               f"{device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

@@ -85,6 +85,33 @@ def test_paged_attention_rows_matches_twin(impl, heads, block_size, selection):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("pattern", ["long-all", "long-random", "skip-middle-request"])
+def test_paged_attention_rows_tiles(impl, pattern):
+    """Requests with more selected rows than one tile of the Triton kernel (64), and
+    a request with no selected row between two that have some."""
+    layout = DareCacheLayout(4, 2, 64)
+    seq_lens = [150, 7, 90]
+    cache, block_table, _, token_req, g = _batch(seq_lens, 16, layout, seed=11)
+    T = sum(seq_lens)
+    q = torch.randn(T, 4, 64, generator=g).to(DEVICE)
+    if pattern == "long-all":
+        rows = torch.arange(T)
+    elif pattern == "long-random":
+        rows = torch.nonzero(torch.rand(T, generator=g) < 0.6).squeeze(-1)
+    else:
+        rows = torch.cat([torch.arange(0, 150, 2), torch.arange(157, T, 3)])
+    rows = rows.to(DEVICE)
+    seq = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    out = torch.zeros(T, 4, 64, device=DEVICE)
+    want = out.clone()
+    args = (layout, block_table, seq, rows.to(torch.int32), token_req[rows].to(torch.int32))
+    # The grid bound is the longest request (150 rows), as the layer step passes it.
+    IMPLS[impl].paged_attention_rows(q, cache, *args, out, 16, 0.125, max_rows_per_req=150)
+    paged_attention_rows_reference(q, cache, *args, want, 16, 0.125)
+    torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_paged_attention_rows_bf16(impl):
     layout = DareCacheLayout(4, 2, 64)
     cache, block_table, _, token_req, g = _batch([19, 33], 16, layout, 5, torch.bfloat16)

@@ -1,20 +1,24 @@
 """One DARE attention layer step (``dare_attention_step``) on an explicit batch:
 the model-side path that decides reuse, skips the K/V and output projections of
 reused tokens, attends only the recomputed rows and serves the reused rows' projected
-outputs from the paged cache. Checked against dense attention in plain PyTorch."""
+outputs from the paged cache. Checked against dense attention in plain PyTorch, on
+CPU (vectorised PyTorch ops) and on a GPU when one is present (Triton kernels)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from vllm_dare.attention_backends.dare_attention import (
+from vllm_dare.attention_backends.dare_layer_step import (
     DareRuntime,
     DareStepInputs,
     dare_attention_step,
 )
-from vllm_dare.attention_backends.dare_backend import DareMetadata
+from vllm_dare.attention_backends.dare_metadata import DareMetadata
 from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOL = dict(rtol=1e-5, atol=1e-5) if DEVICE.type == "cpu" else dict(rtol=2e-4, atol=2e-4)
 
 H, HKV, D, BLOCK = 4, 2, 16, 16
 SEQ_LENS = [9, 14]
@@ -44,10 +48,16 @@ class Layer:
             query_start_loc=torch.tensor([0, SEQ_LENS[0], self.T]),
             seq_lens=torch.tensor(SEQ_LENS, dtype=torch.int32), block_table=block_table,
             slot_mapping=torch.tensor(slots), token_req=torch.tensor(token_req, dtype=torch.int32),
-            causal=False,
+            causal=False, max_query_len=max(SEQ_LENS),
         )
         self.cache = torch.randn(4 * BLOCK, self.layout.width, generator=g)
-        self.runtime = DareRuntime(1, per_head=False, device=torch.device("cpu"))
+        for name in ("w_q", "w_kv", "w_o", "x", "cache"):
+            setattr(self, name, getattr(self, name).to(DEVICE))
+        self.meta = DareMetadata(**{
+            k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v
+            for k, v in vars(self.meta).items()
+        })
+        self.runtime = DareRuntime(1, per_head=False, device=DEVICE)
         self.kv_calls: list[int] = []
         self.o_calls: list[int] = []
 
@@ -55,7 +65,8 @@ class Layer:
         if force is None:
             self.runtime.begin_step(None, 2)
         else:
-            t = torch.full((self.T,), tau)
+            force = force.to(DEVICE)
+            t = torch.full((self.T,), tau, device=DEVICE)
             self.runtime.begin_step(DareStepInputs(force, t, t, torch.ones_like(force), True), 2)
 
         def project_kv(rows):
@@ -89,7 +100,7 @@ class Layer:
 def test_first_step_computes_every_row_exactly():
     layer = Layer()
     out = layer.step(None)
-    torch.testing.assert_close(out, layer.dense(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, layer.dense(), **TOL)
     assert layer.kv_calls == [layer.T] and layer.o_calls == [layer.T]
     assert layer.runtime.layer_counts[0].tolist() == [layer.T, 0, 0]
 
@@ -104,22 +115,23 @@ def test_reused_rows_skip_projections_and_attention_and_come_from_the_cache():
     # Same inputs: every unforced token has query delta 0 and is reused.
     second = layer.step(force)
     assert layer.kv_calls == [4] and layer.o_calls == [4]
-    torch.testing.assert_close(second, first, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, first, **TOL)
     assert layer.runtime.layer_counts[0].tolist() == [layer.T, layer.T - 4, layer.T - 4]
 
 
 def test_changed_token_recomputes_and_reused_rows_keep_their_cached_output():
     layer = Layer()
     first = layer.step(None)
-    layer.x[3] = torch.randn(layer.x.shape[1], generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(layer.x.shape[1], generator=torch.Generator().manual_seed(1))
+    layer.x[3] = noise.to(DEVICE)
     force = torch.zeros(layer.T, dtype=torch.bool)
     force[3] = True  # its input changed (just unmasked)
     out = layer.step(force, tau=1e-3)
     # Token 3's query moved, so by the predictor only row 3 is recomputed, with the
     # new K/V of token 3 in its request's attention.
     want = layer.dense()
-    torch.testing.assert_close(out[3], want[3], rtol=1e-5, atol=1e-5)
-    kept = torch.ones(layer.T, dtype=torch.bool)
+    torch.testing.assert_close(out[3], want[3], **TOL)
+    kept = torch.ones(layer.T, dtype=torch.bool, device=DEVICE)
     kept[3] = False
     assert torch.equal(out[kept], first[kept])
     # Its request's other rows did change in the exact output: reuse is a real
@@ -135,4 +147,4 @@ def test_query_drift_above_tau_recomputes_without_forcing():
     layer.kv_calls.clear()
     layer.step(torch.zeros(layer.T, dtype=torch.bool), tau=0.2)
     assert layer.kv_calls == [1]
-    torch.testing.assert_close(layer.step(None)[15], layer.dense()[15], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.step(None)[15], layer.dense()[15], **TOL)

@@ -1,97 +1,22 @@
-"""DARE self-attention of one layer: decide, per token, what to reuse, and compute
-only the rest.
-
-For every token processed in a step the layer computes its query (the layer input
-is needed for it anyway), then the relative L2 change against the token's cached
-reference query (``query_delta`` kernel). With ``delta <= tau`` (and the token not
-forced to recompute):
-
-* DARE-KV reuses the token's cached K/V: its key/value projection is not computed
-  and its cache slots are not rewritten;
-* DARE-O reuses the token's cached attention output: its attention row is not
-  computed (``paged_attention_rows`` only runs the recomputed rows) and neither is
-  its output projection; the cache holds the row after the projection (``o_proj``
-  is row-wise and bias-free in LLaDA and Dream, so caching it before or after the
-  projection gives the same output; after it, the reused row skips that matmul too).
-
-Q_ref is rewritten only for tokens whose cached activations were recomputed: those
-whose K/V were recomputed when the request reuses K/V, else those whose O was.
-``tau = 0`` disables a reuse, so with both at 0 every row is recomputed.
-"""
+"""DARE self-attention of one layer inside vLLM: the layer's metadata and paged
+cache come from vLLM's forward context, and the work is done by
+``dare_layer_step.dare_attention_step`` (which needs no vLLM and is what the layer
+benchmark and the GPU runs time)."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from vllm.model_executor.layers.attention.attention import get_attention_context
 
-from vllm_dare.attention_backends.dare_backend import DareMetadata, slot_rows
 from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
-from vllm_dare.attention_backends.dare_ops import dare_ops
-
-
-@dataclass
-class DareStepInputs:
-    """Per-token inputs of one forward, built by the ModelState."""
-
-    force: torch.Tensor  # bool [T]: recompute everything for this token
-    tau_kv: torch.Tensor  # float32 [T]; 0 = never reuse K/V
-    tau_o: torch.Tensor  # float32 [T]; 0 = never reuse O
-    kv_is_reference: torch.Tensor  # bool [T]: Q_ref follows K/V recomputes (else O's)
-    any_reuse: bool  # False: every row is recomputed, skip the predictor
-
-
-class DareRuntime:
-    """Shared by the attention layers of one model: the step's inputs and the
-    reuse counters of the step (per layer and per request)."""
-
-    def __init__(self, num_layers: int, per_head: bool, device: torch.device):
-        self.num_layers = num_layers
-        self.per_head = per_head
-        self.device = device
-        self.step: DareStepInputs | None = None
-        self.ops = dare_ops(device)
-        self.num_reqs = 0
-        # [layers, 3]: tokens, K/V rows reused, O rows reused (this step)
-        self.layer_counts = torch.zeros(num_layers, 3, dtype=torch.int64, device=device)
-        # [max_reqs, 3] per request of the batch (this step, summed over layers)
-        self.request_counts = torch.zeros(0, 3, dtype=torch.int64, device=device)
-
-    def begin_step(self, step: DareStepInputs | None, num_reqs: int) -> None:
-        self.step = step
-        self.num_reqs = num_reqs
-        self.layer_counts.zero_()
-        self.request_counts = torch.zeros(num_reqs, 3, dtype=torch.int64, device=self.device)
-
-
-def attend_all_rows(query, key, value, kv_cache, meta: DareMetadata, layout, scale):
-    """Every row recomputed, for callers that hand over full Q/K/V through vLLM's
-    ``Attention`` op: write K, V and Q_ref of all tokens and attend every row.
-
-    The O rows are left alone: the cache holds O after the output projection,
-    which only the model-side path (``dare_self_attention``) owns."""
-    ops = dare_ops(query.device)
-    write_rows, paged_attention_rows = ops.write_rows, ops.paged_attention_rows
-    T = meta.num_actual_tokens
-    cache = slot_rows(kv_cache, layout, query.dtype)
-    rows = torch.arange(T, device=query.device, dtype=torch.int32)
-    q = query[:T].reshape(T, layout.q_width)
-    write_rows(key[:T].reshape(T, layout.kv_width), rows, meta.slot_mapping, cache, layout.k_offset)
-    write_rows(value[:T].reshape(T, layout.kv_width), rows, meta.slot_mapping, cache, layout.v_offset)
-    write_rows(q, rows, meta.slot_mapping, cache, layout.qref_offset)
-    out = torch.empty(T, layout.num_heads, layout.head_dim, dtype=query.dtype, device=query.device)
-    block_size = cache.shape[0] // kv_cache.shape[0]
-    paged_attention_rows(q.view(T, layout.num_heads, layout.head_dim), cache, layout,
-                         meta.block_table, meta.seq_lens, rows, meta.token_req, out,
-                         block_size, scale)
-    return out
-
-
-ProjectKV = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-ProjectO = Callable[[torch.Tensor], torch.Tensor]
+from vllm_dare.attention_backends.dare_layer_step import (
+    DareRuntime,
+    ProjectKV,
+    ProjectO,
+    dare_attention_step,
+)
+from vllm_dare.attention_backends.dare_metadata import DareMetadata, slot_rows
 
 
 def dare_self_attention(
@@ -123,86 +48,3 @@ def dare_self_attention(
     block_size = cache.shape[0] // kv_cache.shape[0]
     return dare_attention_step(meta, cache, block_size, layer_index, runtime, layout, scale,
                                q, project_kv, project_o)
-
-
-def dare_attention_step(
-    meta: DareMetadata,
-    cache: torch.Tensor,  # [num_slots, layout.width] (``slot_rows``)
-    block_size: int,
-    layer_index: int,
-    runtime: DareRuntime,
-    layout: DareCacheLayout,
-    scale: float,
-    q: torch.Tensor,
-    project_kv: ProjectKV,
-    project_o: ProjectO,
-) -> torch.Tensor:
-    """``dare_self_attention`` on an explicit batch: its metadata and the layer's
-    cache as slot rows."""
-    ops = runtime.ops
-    write_rows, paged_attention_rows = ops.write_rows, ops.paged_attention_rows
-    T = meta.num_actual_tokens
-    q = q[:T]
-    step = runtime.step
-    if step is not None and step.force.shape[0] != T:
-        step = None  # not this batch's inputs (dummy run)
-
-    all_rows = torch.arange(T, device=q.device)
-    if step is None or not step.any_reuse:
-        recompute_kv = recompute_o = torch.ones(T, dtype=torch.bool, device=q.device)
-        kv_rows = o_rows = all_rows  # nothing to select
-    else:
-        head_delta, token_delta = ops.query_delta(q, meta.slot_mapping, cache, layout)
-        delta = head_delta.amax(dim=-1) if runtime.per_head else token_delta
-        recompute_kv = step.force | ~(delta <= step.tau_kv) | (step.tau_kv <= 0)
-        recompute_o = step.force | ~(delta <= step.tau_o) | (step.tau_o <= 0)
-        kv_rows = all_rows[recompute_kv]
-        o_rows = all_rows[recompute_o]
-
-    # K/V projection of the recomputed rows only.
-    if kv_rows.numel():
-        k, v = project_kv(kv_rows)
-        kv_rows32 = kv_rows.to(torch.int32)
-        write_rows(k, kv_rows32, meta.slot_mapping, cache, layout.k_offset)
-        write_rows(v, kv_rows32, meta.slot_mapping, cache, layout.v_offset)
-    if step is None:
-        ref_rows = all_rows
-    else:
-        ref_mask = torch.where(step.kv_is_reference, recompute_kv, recompute_o)
-        ref_rows = all_rows[ref_mask]
-    if ref_rows.numel():
-        write_rows(q[ref_rows], ref_rows.to(torch.int32), meta.slot_mapping, cache,
-                   layout.qref_offset)
-
-    # Attention and output projection of the recomputed rows only; the reused
-    # rows' projected outputs come from the cache.
-    R = o_rows.numel()
-    attn = torch.empty(R, layout.num_heads, layout.head_dim, dtype=q.dtype, device=q.device)
-    if R:
-        # The kernel writes row i of its output at position row_token[i]; here
-        # the recomputed rows are packed, so position i of ``attn``.
-        packed = torch.arange(R, device=q.device, dtype=torch.int32)
-        q_rows = q if R == T else q[o_rows]
-        paged_attention_rows(q_rows.view(R, layout.num_heads, layout.head_dim), cache,
-                             layout, meta.block_table, meta.seq_lens, packed,
-                             meta.token_req[o_rows], attn, block_size, scale)
-    if R == T:
-        out = project_o(attn.view(T, layout.q_width))
-    else:
-        out = torch.empty(T, layout.q_width, dtype=q.dtype, device=q.device)
-        reused_o = all_rows[~recompute_o]
-        o_cols = cache[:, layout.o_offset : layout.o_offset + layout.q_width]
-        out[reused_o] = o_cols.index_select(0, meta.slot_mapping[reused_o])
-        if R:
-            out[o_rows] = project_o(attn.view(R, layout.q_width))
-    if R:
-        write_rows(out if R == T else out[o_rows], o_rows.to(torch.int32), meta.slot_mapping,
-                   cache, layout.o_offset)
-
-    # Counters: tokens, K/V reused, O reused (per layer and per request).
-    reused = torch.stack([torch.ones_like(recompute_kv), ~recompute_kv, ~recompute_o], dim=1)
-    reused = reused.to(torch.int64)
-    runtime.layer_counts[layer_index] += reused.sum(dim=0)
-    if runtime.request_counts.shape[0]:
-        runtime.request_counts.index_add_(0, meta.token_req.long(), reused)
-    return out

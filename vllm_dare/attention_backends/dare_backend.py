@@ -9,7 +9,7 @@ kernels of ``triton_dare_kernels.py``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import lru_cache
 from typing import ClassVar
 
@@ -25,18 +25,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
-
-
-@dataclass
-class DareMetadata:
-    num_actual_tokens: int
-    num_reqs: int
-    query_start_loc: torch.Tensor
-    seq_lens: torch.Tensor  # int32 [num_reqs]
-    block_table: torch.Tensor  # int32 [num_reqs, max_blocks]
-    slot_mapping: torch.Tensor  # int64 [num_tokens]
-    token_req: torch.Tensor  # int32 [num_tokens]: request of each token
-    causal: bool
+from vllm_dare.attention_backends.dare_metadata import DareMetadata
 
 
 class DareMetadataBuilder(AttentionMetadataBuilder[DareMetadata]):
@@ -66,6 +55,7 @@ class DareMetadataBuilder(AttentionMetadataBuilder[DareMetadata]):
             slot_mapping=m.slot_mapping[: m.num_actual_tokens].to(torch.int64),
             token_req=token_req,
             causal=bool(causal),
+            max_query_len=m.max_query_len,
         )
 
 
@@ -89,7 +79,7 @@ class DareAttentionImpl(AttentionImpl):
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output=None,
                 output_scale=None, output_block_scale=None):
-        from vllm_dare.attention_backends.dare_attention import attend_all_rows
+        from vllm_dare.attention_backends.dare_layer_step import attend_all_rows
 
         if attn_metadata is None:  # profiling run
             return output.fill_(0) if output is not None else torch.zeros_like(query)
@@ -169,20 +159,3 @@ def __getattr__(name: str):
     if name.startswith(prefix):
         return dare_backend_for(int(name[len(prefix):]))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def slot_rows(kv_cache: torch.Tensor, layout: DareCacheLayout, dtype: torch.dtype) -> torch.Tensor:
-    """View a layer's cache as ``[num_slots, layout.width]`` rows of ``dtype``.
-
-    vLLM hands the layer a logical ``[num_blocks, num_kv_heads, block_size, C]`` view
-    whose physical order is token-major (LBNHC/BLNHC), so each token slot is one
-    contiguous run of ``num_kv_heads * C`` bytes.
-    """
-    t = kv_cache.permute(0, 2, 1, 3)  # [B, N, H, C]
-    num_blocks, block_size = t.shape[0], t.shape[1]
-    if t.dtype != dtype:
-        t = t.view(torch.uint8) if t.dtype != torch.uint8 else t
-        t = t.view(dtype)
-    rows = t.reshape(num_blocks * block_size, -1)
-    assert rows.shape[1] == layout.width, (rows.shape, layout.width)
-    return rows

@@ -14,7 +14,7 @@ from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
 
 def paged_attention_rows(
     q, cache, layout: DareCacheLayout, block_table, seq_lens, row_token, row_req, out,
-    block_size: int, scale: float,
+    block_size: int, scale: float, max_rows_per_req: int | None = None,
 ) -> None:
     if row_token.numel() == 0:
         return

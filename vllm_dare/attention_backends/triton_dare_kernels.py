@@ -2,7 +2,7 @@
 
 * ``paged_attention_rows`` -- bidirectional attention of *selected* query rows over
   all keys of their request, read from the paged cache; it computes and writes only
-  those rows (DARE-O skips the others entirely).
+  those rows (DARE-O skips the others entirely). Flash-style tiles of selected rows.
 * ``write_rows`` -- scatter the rows of a compact ``[R, C]`` tensor (row i belongs to
   token ``rows[i]``) into a column range of the paged cache at those tokens' slots
   (K, V, O, Q_ref of recomputed tokens only).
@@ -17,6 +17,8 @@ engine on CPU runs ``torch_dare_ops`` instead (see ``dare_ops.py``).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -37,53 +39,69 @@ def _paged_attention_rows_kernel(
     q_ptr, q_stride_t, q_stride_h,
     cache_ptr, cache_stride_slot,
     block_table_ptr, block_table_stride,
-    seq_lens_ptr, row_token_ptr, row_req_ptr,
+    seq_lens_ptr, row_token_ptr, req_row_start_ptr,
     out_ptr, out_stride_t, out_stride_h,
     scale,
     K_OFFSET: tl.constexpr, V_OFFSET: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    QUERIES_PER_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    QUERIES_PER_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    head = tl.program_id(1)
-    kv_head = head // QUERIES_PER_KV
-    token = tl.load(row_token_ptr + row).to(tl.int64)
-    req = tl.load(row_req_ptr + row).to(tl.int64)
+    head = tl.program_id(0)
+    tile = tl.program_id(1)
+    req = tl.program_id(2)
+    first = tl.load(req_row_start_ptr + req) + tile * BLOCK_M
+    end = tl.load(req_row_start_ptr + req + 1)
+    if first >= end:  # this request has fewer selected rows
+        return
+    m = first + tl.arange(0, BLOCK_M)
+    m_valid = m < end
+    token = tl.load(row_token_ptr + m, mask=m_valid, other=0).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + req)
+    kv_head = head // QUERIES_PER_KV
+    req64 = req.to(tl.int64)
 
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_DIM
-    q = tl.load(q_ptr + token * q_stride_t + head * q_stride_h + d, mask=d_mask, other=0.0)
-    q = q.to(tl.float32) * scale
+    q_mask = m_valid[:, None] & d_mask[None, :]
+    q = tl.load(q_ptr + token[:, None] * q_stride_t + head * q_stride_h + d[None, :],
+                mask=q_mask, other=0.0)
+    if FP32_DOT:
+        q = q.to(tl.float32)
 
-    m_i = -float("inf")
-    l_i = 0.0
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, seq_len, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         valid = pos < seq_len
-        block = tl.load(
-            block_table_ptr + req * block_table_stride + pos // BLOCK_SIZE,
-            mask=valid, other=0,
-        ).to(tl.int64)
+        block = tl.load(block_table_ptr + req64 * block_table_stride + pos // BLOCK_SIZE,
+                        mask=valid, other=0).to(tl.int64)
         slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
         base = cache_ptr + slot[:, None] * cache_stride_slot + kv_head * HEAD_DIM + d[None, :]
-        mask2 = valid[:, None] & d_mask[None, :]
-        k = tl.load(base + K_OFFSET, mask=mask2, other=0.0).to(tl.float32)
-        s = tl.sum(k * q[None, :], axis=1)
-        s = tl.where(valid, s, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        kv_mask = valid[:, None] & d_mask[None, :]
+        k = tl.load(base + K_OFFSET, mask=kv_mask, other=0.0)
+        v = tl.load(base + V_OFFSET, mask=kv_mask, other=0.0)
+        if FP32_DOT:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+        s = tl.where(valid[None, :], s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new)
-        v = tl.load(base + V_OFFSET, mask=mask2, other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
+        p = tl.exp(s - m_new[:, None])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v,
+                                            input_precision=DOT_PRECISION)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-    out = acc / l_i
-    tl.store(
-        out_ptr + token * out_stride_t + head * out_stride_h + d,
-        out.to(out_ptr.dtype.element_ty), mask=d_mask,
-    )
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + token[:, None] * out_stride_t + head * out_stride_h + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def paged_attention_rows(
@@ -93,32 +111,53 @@ def paged_attention_rows(
     block_table: torch.Tensor,  # [num_reqs, max_blocks] int32
     seq_lens: torch.Tensor,  # [num_reqs] int32
     row_token: torch.Tensor,  # [R] token index of each computed row
-    row_req: torch.Tensor,  # [R] request of each computed row
+    row_req: torch.Tensor,  # [R] int32 request of each computed row, non-decreasing
     out: torch.Tensor,  # [T, num_heads, head_dim]; only rows row_token are written
     block_size: int,
     scale: float,
+    max_rows_per_req: int | None = None,
 ) -> None:
+    """Flash-style: one program per (query head, tile of up to BLOCK_M selected rows,
+    request), keys and values streamed from the paged cache in BLOCK_N chunks
+    through ``tl.dot``. The selected rows must be grouped by request in request
+    order (``row_req`` non-decreasing), as the DARE layer step hands them.
+
+    ``max_rows_per_req`` bounds the rows of one request (e.g. the batch's longest
+    query; default R) and sizes the grid without a host sync: programs past their
+    request's rows return at once. Products are bf16/fp16 on the tensor cores with
+    fp32 accumulation, or IEEE fp32 for fp32 tensors. (Triton's interpreter gets
+    ``tl.dot`` of bf16 wrong, so under it the operands are widened to fp32.)"""
     R = row_token.shape[0]
     if R == 0:
         return
-    _paged_attention_rows_kernel[(R, layout.num_heads)](
+    block_m = 64 if R >= 64 else 16
+    num_reqs = block_table.shape[0]
+    bound = R if max_rows_per_req is None else min(R, max_rows_per_req)
+    boundaries = torch.arange(num_reqs + 1, dtype=row_req.dtype, device=q.device)
+    req_row_start = torch.searchsorted(row_req, boundaries, out_int32=True)
+    grid = (layout.num_heads, triton.cdiv(bound, block_m), num_reqs)
+    fp32_dot = q.dtype == torch.float32 or _interpreted()
+    _paged_attention_rows_kernel[grid](
         q, q.stride(0), q.stride(1),
         cache, cache.stride(0),
         block_table, block_table.stride(0),
-        seq_lens, row_token, row_req,
+        seq_lens, row_token, req_row_start,
         out, out.stride(0), out.stride(1),
         scale,
         K_OFFSET=layout.k_offset, V_OFFSET=layout.v_offset,
-        HEAD_DIM=layout.head_dim, BLOCK_D=triton.next_power_of_2(layout.head_dim),
+        HEAD_DIM=layout.head_dim, BLOCK_D=max(16, triton.next_power_of_2(layout.head_dim)),
         QUERIES_PER_KV=layout.num_heads // layout.num_kv_heads,
-        BLOCK_SIZE=block_size, BLOCK_N=min(64, triton.next_power_of_2(block_size)),
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=64,
+        FP32_DOT=fp32_dot, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
 
 
 def paged_attention_rows_reference(
-    q, cache, layout, block_table, seq_lens, row_token, row_req, out, block_size, scale
+    q, cache, layout, block_table, seq_lens, row_token, row_req, out, block_size, scale,
+    max_rows_per_req: int | None = None,
 ) -> None:
-    """Twin of ``paged_attention_rows``."""
+    """Twin of ``paged_attention_rows`` (``max_rows_per_req`` is only a grid bound
+    there)."""
     D, Hkv = layout.head_dim, layout.num_kv_heads
     group = layout.num_heads // Hkv
     for token, req in zip(row_token.tolist(), row_req.tolist()):
@@ -185,25 +224,25 @@ def write_rows_reference(src, rows, slot_mapping, cache, col_offset) -> None:
 def _query_delta_kernel(
     q_ptr, q_stride, slot_mapping_ptr, cache_ptr, cache_stride,
     head_delta_ptr, token_delta_ptr, eps,
-    QREF_OFFSET: tl.constexpr, NUM_HEADS: tl.constexpr,
+    QREF_OFFSET: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
-    dm = d < HEAD_DIM
-    diff_total = 0.0
-    ref_total = 0.0
-    for h in range(NUM_HEADS):
-        q = tl.load(q_ptr + token * q_stride + h * HEAD_DIM + d, mask=dm, other=0.0).to(tl.float32)
-        r = tl.load(cache_ptr + slot * cache_stride + QREF_OFFSET + h * HEAD_DIM + d,
-                    mask=dm, other=0.0).to(tl.float32)
-        diff = tl.sum((q - r) * (q - r), axis=0)
-        ref = tl.sum(r * r, axis=0)
-        tl.store(head_delta_ptr + token * NUM_HEADS + h, tl.sqrt(diff) / (tl.sqrt(ref) + eps))
-        diff_total += diff
-        ref_total += ref
-    tl.store(token_delta_ptr + token, tl.sqrt(diff_total) / (tl.sqrt(ref_total) + eps))
+    h_mask = h < NUM_HEADS
+    mask = h_mask[:, None] & (d < HEAD_DIM)[None, :]
+    cols = h[:, None] * HEAD_DIM + d[None, :]
+    q = tl.load(q_ptr + token * q_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(cache_ptr + slot * cache_stride + QREF_OFFSET + cols, mask=mask,
+                other=0.0).to(tl.float32)
+    diff = tl.sum((q - r) * (q - r), axis=1)  # [BLOCK_H]
+    ref = tl.sum(r * r, axis=1)
+    tl.store(head_delta_ptr + token * NUM_HEADS + h, tl.sqrt(diff) / (tl.sqrt(ref) + eps),
+             mask=h_mask)
+    tl.store(token_delta_ptr + token,
+             tl.sqrt(tl.sum(diff, axis=0)) / (tl.sqrt(tl.sum(ref, axis=0)) + eps))
 
 
 def query_delta(
@@ -221,7 +260,8 @@ def query_delta(
         _query_delta_kernel[(T,)](
             q, q.stride(0), slot_mapping, cache, cache.stride(0), head, tok, eps,
             QREF_OFFSET=layout.qref_offset, NUM_HEADS=layout.num_heads,
-            HEAD_DIM=layout.head_dim, BLOCK_D=triton.next_power_of_2(layout.head_dim),
+            BLOCK_H=triton.next_power_of_2(layout.num_heads), HEAD_DIM=layout.head_dim,
+            BLOCK_D=triton.next_power_of_2(layout.head_dim),
         )
     return head, tok
 

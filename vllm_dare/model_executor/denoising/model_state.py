@@ -22,7 +22,7 @@ import torch
 from vllm.v1.worker.gpu.attn_utils import build_attn_metadata
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
-from vllm_dare.attention_backends.dare_attention import DareStepInputs
+from vllm_dare.attention_backends.dare_layer_step import DareStepInputs
 from vllm_dare.model_executor.denoising.params import DenoisingDefaults
 from vllm_dare.model_executor.denoising.sampler import DenoisingSampler
 

@@ -11,7 +11,7 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.utils import maybe_prefix
 
-from vllm_dare.attention_backends.dare_attention import DareRuntime
+from vllm_dare.attention_backends.dare_layer_step import DareRuntime
 from vllm_dare.attention_backends.dare_settings import DareSettings
 from vllm_dare.model_executor.denoising.model_state import DenoisingModelState
 

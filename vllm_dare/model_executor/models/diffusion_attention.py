@@ -25,9 +25,10 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 
-from vllm_dare.attention_backends.dare_attention import DareRuntime, dare_self_attention
+from vllm_dare.attention_backends.dare_attention import dare_self_attention
 from vllm_dare.attention_backends.dare_backend import dare_backend_for
 from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
+from vllm_dare.attention_backends.dare_layer_step import DareRuntime
 
 
 class DiffusionSelfAttention(nn.Module):

@@ -18,7 +18,7 @@ from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.models.qwen2 import Qwen2MLP
 
-from vllm_dare.attention_backends.dare_attention import DareRuntime
+from vllm_dare.attention_backends.dare_layer_step import DareRuntime
 from vllm_dare.model_executor.models.diffusion_attention import DiffusionSelfAttention
 
 
