@@ -204,7 +204,7 @@ def run(args) -> dict:
         n = int(round(rate * stack.T))
         reuse_rows = torch.randperm(stack.T, generator=stack.g)[:n].to(device)
         runtime = stack.runtime(reuse_rows)
-        runtime.layer_counts.zero_()
+        runtime.layer_counts[:] = 0
         t = _time(lambda: stack.dare(runtime), device, args.reps)
         counts = runtime.layer_counts.sum(0).tolist()  # tokens, K/V reused, O reused
         results.append({"reuse": rate, "dare_ms": t * 1e3, "exact_ms": t_exact * 1e3,

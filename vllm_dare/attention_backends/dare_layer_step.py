@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
@@ -43,8 +44,9 @@ class DareStepInputs:
 
 
 class DareRuntime:
-    """Shared by the attention layers of one model: the step's inputs and the
-    reuse counters of the step (per layer and per request)."""
+    """Shared by the attention layers of one model: the step's inputs, what every
+    layer derives from them (computed once per step), and the reuse counters of the
+    step (per layer on the host, per request on the device)."""
 
     def __init__(self, num_layers: int, per_head: bool, device: torch.device):
         self.num_layers = num_layers
@@ -53,16 +55,53 @@ class DareRuntime:
         self.step: DareStepInputs | None = None
         self.ops = dare_ops(device)
         self.num_reqs = 0
-        # [layers, 3]: tokens, K/V rows reused, O rows reused (this step)
-        self.layer_counts = torch.zeros(num_layers, 3, dtype=torch.int64, device=device)
-        # [max_reqs, 3] per request of the batch (this step, summed over layers)
-        self.request_counts = torch.zeros(0, 3, dtype=torch.int64, device=device)
+        # [layers, 3]: tokens, K/V rows reused, O rows reused (this step). Host
+        # ints: a layer knows its row counts anyway (it sizes its matmuls).
+        self.layer_counts = np.zeros((num_layers, 3), dtype=np.int64)
+        self._request_reused = torch.zeros(0, 2, dtype=torch.int64, device=device)
+        self._token_req: torch.Tensor | None = None
+        self._layers_run = 0
 
     def begin_step(self, step: DareStepInputs | None, num_reqs: int) -> None:
         self.step = step
         self.num_reqs = num_reqs
-        self.layer_counts.zero_()
-        self.request_counts = torch.zeros(num_reqs, 3, dtype=torch.int64, device=self.device)
+        self.layer_counts[:] = 0
+        self._request_reused = torch.zeros(num_reqs, 2, dtype=torch.int64, device=self.device)
+        self._token_req = None
+        self._layers_run = 0
+        if step is not None and step.any_reuse:
+            # Tokens that may reuse at all (not forced, tau > 0); the layer only
+            # adds its query-delta test.
+            self.may_reuse_kv = ~step.force & (step.tau_kv > 0)
+            self.may_reuse_o = ~step.force & (step.tau_o > 0)
+            # Whose recomputes Q_ref follows, batch-wide when it can be (one host
+            # sync per step, none per layer).
+            self.reference = ("kv" if bool(step.kv_is_reference.all())
+                              else "o" if not bool(step.kv_is_reference.any()) else "mixed")
+
+    def count(self, layer_index: int, meta: DareMetadata, reused_kv: int, reused_o: int,
+              reused_rows: torch.Tensor | None) -> None:
+        """Record a layer's reuse: row counts, and ``reused_rows`` ([T, 2] bool: K/V
+        reused, O reused; None when nothing was) per request."""
+        T = meta.num_actual_tokens
+        self.layer_counts[layer_index] += (T, reused_kv, reused_o)
+        self._layers_run += 1
+        if self._token_req is None:
+            self._token_req = meta.token_req
+        if reused_rows is not None and self.num_reqs:
+            self._request_reused.index_add_(0, meta.token_req.long(),
+                                            reused_rows.to(torch.int64))
+
+    @property
+    def request_counts(self) -> torch.Tensor:
+        """[num_reqs, 3] per request of the batch, summed over the layers run this
+        step: token-layer rows, K/V rows reused, O rows reused."""
+        if self._token_req is None or not self.num_reqs:
+            tokens = torch.zeros(self.num_reqs, 1, dtype=torch.int64, device=self.device)
+        else:
+            tokens = torch.bincount(self._token_req.long(), minlength=self.num_reqs)
+            tokens = (tokens[: self.num_reqs] * self._layers_run).view(-1, 1)
+        return torch.cat([tokens, self._request_reused], dim=1)
 
 
 def attend_all_rows(query, key, value, kv_cache, meta: DareMetadata, layout, scale):
@@ -115,20 +154,25 @@ def dare_attention_step(
         step = None  # not this batch's inputs (dummy run)
 
     all_rows = torch.arange(T, device=q.device)
+    reused_rows = None
     if step is None or not step.any_reuse:
-        recompute_kv = recompute_o = torch.ones(T, dtype=torch.bool, device=q.device)
         kv_rows = o_rows = ref_rows = all_rows  # nothing to select
     else:
         head_delta, token_delta = ops.query_delta(q, meta.slot_mapping, cache, layout)
         delta = head_delta.amax(dim=-1) if runtime.per_head else token_delta
-        recompute_kv = step.force | ~(delta <= step.tau_kv) | (step.tau_kv <= 0)
-        recompute_o = step.force | ~(delta <= step.tau_o) | (step.tau_o <= 0)
-        ref_mask = torch.where(step.kv_is_reference, recompute_kv, recompute_o)
+        reuse_kv = (delta <= step.tau_kv) & runtime.may_reuse_kv
+        reuse_o = (delta <= step.tau_o) & runtime.may_reuse_o
+        reused_rows = torch.stack((reuse_kv, reuse_o), dim=1)
         # Every row list is taken here, back to back: each takes a host sync, and
         # only the first waits for real GPU work (query projection and delta).
-        kv_rows = all_rows[recompute_kv]
-        o_rows = all_rows[recompute_o]
-        ref_rows = all_rows[ref_mask]
+        kv_rows = all_rows[~reuse_kv]
+        o_rows = all_rows[~reuse_o]
+        if runtime.reference == "kv":
+            ref_rows = kv_rows
+        elif runtime.reference == "o":
+            ref_rows = o_rows
+        else:
+            ref_rows = all_rows[~torch.where(step.kv_is_reference, reuse_kv, reuse_o)]
 
     # K/V projection of the recomputed rows only.
     if kv_rows.numel():
@@ -166,10 +210,5 @@ def dare_attention_step(
     if R:
         write_rows(projected, o_rows.to(torch.int32), meta.slot_mapping, cache, layout.o_offset)
 
-    # Counters: tokens, K/V reused, O reused (per layer and per request).
-    reused = torch.stack([torch.ones_like(recompute_kv), ~recompute_kv, ~recompute_o], dim=1)
-    reused = reused.to(torch.int64)
-    runtime.layer_counts[layer_index] += reused.sum(dim=0)
-    if runtime.request_counts.shape[0]:
-        runtime.request_counts.index_add_(0, meta.token_req.long(), reused)
+    runtime.count(layer_index, meta, T - kv_rows.numel(), T - R, reused_rows)
     return out

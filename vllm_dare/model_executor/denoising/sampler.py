@@ -132,7 +132,7 @@ class DenoisingSampler:
 
         if self.dare_runtime is not None and self.dare_runtime.num_reqs == num_reqs:
             step_counts = self.dare_runtime.request_counts.cpu().numpy()
-            dare_stats.record_layers(self.dare_runtime.layer_counts.cpu().numpy(),
+            dare_stats.record_layers(self.dare_runtime.layer_counts,
                                      self.model_name)
             debug = logger.isEnabledFor(logging.DEBUG)
             for i in range(num_reqs):
