@@ -12,7 +12,9 @@ Modes (``--modes``):
 * ``exact``               -- vLLM's own attention backend, every activation recomputed
 * ``exact:steps/K``       -- exact, with K times fewer denoising steps (K tokens per step)
 * ``dare-kv:TAU``, ``dare-o:TAU``, ``dare-kv+o:TAU`` -- the DARE backend with
-  ``tau_kv`` and/or ``tau_o`` = TAU (per-request overrides on one DARE engine)
+  ``tau_kv`` and/or ``tau_o`` = TAU (per-request overrides on one DARE engine);
+  ``dare-...:TAU,candidates`` also recomputes the positions the step may unmask
+  (``dare_recompute_candidates``)
 
 Exact-mode engines and the DARE engine are built one after the other in this process.
 Every task's prompts go into one ``generate`` call, all requests admitted together
@@ -54,7 +56,7 @@ class Mode:
 
 
 def parse_mode(text: str) -> Mode:
-    """``exact``, ``exact:steps/K``, ``dare-{kv,o,kv+o}:TAU``."""
+    """``exact``, ``exact:steps/K``, ``dare-{kv,o,kv+o}:TAU[,candidates]``."""
     if text == "exact":
         return Mode(text, "exact")
     if text.startswith("exact:steps/"):
@@ -63,18 +65,24 @@ def parse_mode(text: str) -> Mode:
             raise ValueError(f"bad steps divisor in mode {text!r}")
         return Mode(text, "exact", steps_divisor=k)
     if text.startswith("dare-") and ":" in text:
-        kind, tau_text = text[len("dare-"):].split(":", 1)
+        kind, rest = text[len("dare-"):].split(":", 1)
         if kind not in ("kv", "o", "kv+o"):
             raise ValueError(f"unknown DARE mode {kind!r} in {text!r} (kv, o, kv+o)")
+        tau_text, *options = rest.split(",")
         tau = float(tau_text)
         if tau < 0:
             raise ValueError(f"negative threshold in mode {text!r}")
+        unknown = set(options) - {"candidates"}
+        if unknown:
+            raise ValueError(f"unknown DARE option(s) {sorted(unknown)} in {text!r} (candidates)")
         return Mode(text, "dare", extra_args={
             "dare_mode": kind, "dare_tau_kv": tau if "kv" in kind else 0.0,
             "dare_tau_o": tau if "o" in kind else 0.0,
+            "dare_recompute_candidates": "candidates" in options,
         })
     raise ValueError(
-        f"unknown mode {text!r}: use exact, exact:steps/K or dare-{{kv,o,kv+o}}:TAU"
+        f"unknown mode {text!r}: use exact, exact:steps/K or "
+        f"dare-{{kv,o,kv+o}}:TAU[,candidates]"
     )
 
 

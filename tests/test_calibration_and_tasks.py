@@ -104,7 +104,8 @@ def _load_harness():
     return module
 
 
-@pytest.mark.parametrize("text", ["fast", "dare-kv", "dare-qkv:0.1", "dare-o:-1", "exact:steps/0"])
+@pytest.mark.parametrize("text", ["fast", "dare-kv", "dare-qkv:0.1", "dare-o:-1", "exact:steps/0",
+                                  "dare-kv:0.1,often"])
 def test_harness_rejects_unknown_modes(text):
     with pytest.raises(ValueError):
         _load_harness().parse_mode(text)

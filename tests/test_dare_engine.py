@@ -75,6 +75,25 @@ def test_per_request_overrides(engines, tiny_llada):
     assert all(o.kv_transfer_params["dare"]["kv_reused"] == 0 for o in refreshed)
 
 
+def test_recompute_candidates_forces_exactly_the_blocks_masked_positions(engines, tiny_llada):
+    """With tau above any query delta every row that is not forced is reused, so
+    recomputing the candidates costs exactly their number. Gen 16, block 8, 16 steps
+    (one token per step): in each block the first forward refreshes everything, and
+    the 7 others see 7, 6, ..., 1 still-masked positions in the block (the token
+    unmasked by the previous step is forced anyway and no longer masked): 28 rows
+    per block and layer."""
+    llm = _dare(engines, tiny_llada, "kv+o", 0.05)
+    ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
+    base = {"dllm_steps": 16, "dllm_block_length": 8, "dare_tau_kv": 1e6, "dare_tau_o": 1e6}
+    plain = _run(llm, ids, 16, base)
+    guarded = _run(llm, ids, 16, {**base, "dare_recompute_candidates": True})
+    for p, g in zip(plain, guarded):
+        ps, gs = p.kv_transfer_params["dare"], g.kv_transfer_params["dare"]
+        assert ps["token_layers"] == gs["token_layers"]
+        for key in ("kv_reused", "o_reused"):
+            assert ps[key] - gs[key] == 2 * 28 * gs["num_layers"], key
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
@@ -82,6 +101,7 @@ def test_per_request_overrides(engines, tiny_llada):
         ({"dare_tau_kv": -1}, "dare tau_kv must be a number >= 0"),
         ({"dare_refresh_interval": 1.5}, "refresh_interval must be an integer"),
         ({"dare_tau": 0.1}, "unknown DARE knob 'dare_tau'"),
+        ({"dare_recompute_candidates": "yes"}, "recompute_candidates must be true or false"),
     ],
 )
 def test_bad_dare_knobs_are_rejected(engines, tiny_llada, extra, message):

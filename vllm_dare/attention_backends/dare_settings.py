@@ -1,6 +1,6 @@
 """DARE knobs: engine defaults (``--additional-config '{"dare": {...}}'``) and
 per-request overrides (``SamplingParams.extra_args``: ``dare_mode``, ``dare_tau_kv``,
-``dare_tau_o``, ``dare_refresh_interval``).
+``dare_tau_o``, ``dare_refresh_interval``, ``dare_recompute_candidates``).
 
 * ``mode`` -- ``off`` (recompute everything; equals exact mode), ``kv`` (reuse
   keys/values), ``o`` (reuse attention outputs), ``kv+o`` (both).
@@ -8,6 +8,9 @@ per-request overrides (``SamplingParams.extra_args``: ``dare_mode``, ``dare_tau_
   this; 0 disables that reuse.
 * ``refresh_interval`` -- recompute every token every N denoising steps (0: never);
   LLaDA also refreshes at every block start when ``refresh_at_block_start``.
+* ``recompute_candidates`` -- always recompute the still-masked positions whose
+  logits this step's unmasking choice reads (LLaDA: the current block; Dream: every
+  masked position), i.e. the hidden rows those logits come from.
 * ``per_head`` (engine only) -- use the largest per-head delta instead of the
   delta over all heads of the token.
 """
@@ -19,9 +22,10 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 MODES = ("off", "kv", "o", "kv+o")
-REQUEST_KEYS = ("dare_mode", "dare_tau_kv", "dare_tau_o", "dare_refresh_interval")
+REQUEST_KEYS = ("dare_mode", "dare_tau_kv", "dare_tau_o", "dare_refresh_interval",
+                "dare_recompute_candidates")
 ENGINE_KEYS = ("mode", "tau_kv", "tau_o", "refresh_interval", "refresh_at_block_start",
-               "per_head")
+               "recompute_candidates", "per_head")
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class DareSettings:
     tau_o: float = 0.05
     refresh_interval: int = 0
     refresh_at_block_start: bool = True
+    recompute_candidates: bool = False
     per_head: bool = False
 
     @property
@@ -54,6 +59,10 @@ class DareSettings:
             raise ValueError(
                 f"dare refresh_interval must be an integer >= 0, got {self.refresh_interval!r}"
             )
+        for name in ("refresh_at_block_start", "recompute_candidates", "per_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"dare {name} must be true or false, got "
+                                 f"{getattr(self, name)!r}")
         return self
 
     @classmethod

@@ -42,6 +42,11 @@ class Denoiser:
         """True when the next step is the first of a (semi-autoregressive) block."""
         return self.next_step == 0
 
+    def candidates(self) -> torch.Tensor:
+        """bool [gen_length]: the canvas positions the next step may unmask, whose
+        logits decide it (every masked position unless a block limits them)."""
+        return self.canvas == self.mask_token_id
+
 
 def llada_transfer_counts(block_length: int, steps_per_block: int) -> list[int]:
     """Tokens unmasked at each step of a block: M // S each, the first M % S one more."""
@@ -61,6 +66,14 @@ class LLaDADenoiser(Denoiser):
 
     def at_block_start(self) -> bool:
         return self.next_step % self.params.steps_per_block == 0
+
+    def candidates(self) -> torch.Tensor:
+        p = self.params
+        block = self.next_step // p.steps_per_block
+        masked = self.canvas == self.mask_token_id
+        masked[: block * p.block_length] = False
+        masked[(block + 1) * p.block_length :] = False
+        return masked
 
     def _step(self, logits: torch.Tensor) -> bool:
         p = self.params

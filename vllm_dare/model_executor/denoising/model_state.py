@@ -127,6 +127,13 @@ class DenoisingModelState(DefaultModelState):
             ):
                 continue
             force[a:b] = ids != prev  # tokens whose input changed
+            if settings.recompute_candidates and state is not None:
+                # The hidden rows whose logits pick this step's tokens (Dream reads
+                # position p's logits from row p - 1; the offset is added to
+                # ``logits_indices`` only after this).
+                c0, c1 = input_batch.cu_num_logits_np[i : i + 2].tolist()
+                rows = input_batch.logits_indices[c0:c1] + self.logits_position_offset
+                force[rows[state.candidates()]] = True
             tau_kv[a:b] = settings.tau_kv if settings.reuses_kv else 0.0
             tau_o[a:b] = settings.tau_o if settings.reuses_o else 0.0
             any_reuse = True
