@@ -84,7 +84,8 @@ class Stack:
 
     def __init__(self, args, device, dtype):
         s = SHAPES[args.shape]
-        self.H, self.Hkv, self.D, self.hidden = s["heads"], s["kv_heads"], s["head_dim"], s["hidden"]
+        self.H, self.Hkv = s["heads"], s["kv_heads"]
+        self.D, self.hidden = s["head_dim"], s["hidden"]
         H, Hkv, D, hidden = self.H, self.Hkv, self.D, self.hidden
         self.mlp = args.scope == "decoder"
         self.num_layers = args.layers

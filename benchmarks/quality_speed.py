@@ -277,7 +277,8 @@ def evaluate(args, engine_for=None) -> dict:
     def build(engine: str):
         kwargs = {} if engine == "exact" else dict(
             attention_backend="dare",
-            additional_config={"dare": {"mode": "kv+o", "tau_kv": 0.0, "tau_o": 0.0}},
+            additional_config={"dare": {"mode": "kv+o", "tau_kv": 0.0, "tau_o": 0.0,
+                                        **args.dare_engine_config}},
         )
         if engine_for is not None:
             return engine_for(engine, **kwargs)
@@ -331,6 +332,7 @@ def evaluate(args, engine_for=None) -> dict:
             "steps": "gen_length / K (one token per step for K = 1)",
             "block_length": min(args.block_length, longest) if family == "llada" else None,
             "dream_alg": args.dream_alg if family == "dream" else None,
+            "dare_engine_config": args.dare_engine_config,
             "batch": f"all requests of a task in one generate call ({args.per_task})",
             "hardware": hardware(), "decoding": "greedy (temperature 0)",
         },
@@ -358,7 +360,9 @@ def print_table(report: dict) -> None:
         f"{t} (prompt {v['prompt_tokens']} tok, gen {v['gen_length']}, {v['requests']} req)"
         for t, v in s["tasks"].items()))
     print(f"steps: {s['steps']}; block length: {s['block_length']}; "
-          f"Dream alg: {s['dream_alg']}; batch: {s['batch']}; {s['decoding']}")
+          f"Dream alg: {s['dream_alg']}; batch: {s['batch']}; {s['decoding']}"
+          + (f"; DARE engine settings: {json.dumps(s['dare_engine_config'])}"
+             if s.get("dare_engine_config") else ""))
     head = (f"{'mode':<16}" + "".join(f"{'acc ' + t:>10}" for t in tasks)
             + f"{'agree':>7}{'NFE':>6}{'tok/fw':>7}{'kv re':>7}{'o re':>7}"
             f"{'sec':>7}{'speedup':>8}")
@@ -392,7 +396,9 @@ def markdown_table(report: dict) -> str:
         + "; ".join(f"{t}: prompt {v['prompt_tokens']} tokens, gen {v['gen_length']}, "
                     f"{v['requests']} requests" for t, v in s["tasks"].items())
         + f"; steps {s['steps']}; block length {s['block_length']}; Dream alg "
-        f"{s['dream_alg']}; batch: {s['batch']}; {s['decoding']}.",
+        f"{s['dream_alg']}; batch: {s['batch']}; {s['decoding']}"
+        + (f"; DARE engine settings {json.dumps(s['dare_engine_config'])}"
+           if s.get("dare_engine_config") else "") + ".",
         "",
         "| mode | " + " | ".join(f"{t} acc %" for t in tasks)
         + " | agreement | NFE | tokens/forward | K/V reuse | O reuse | seconds | speed-up |",
@@ -424,8 +430,15 @@ def main(argv=None, engine_for=None) -> dict:
                         help="DARE mode whose reuse heat map is drawn (default: the first kv+o one)")
     parser.add_argument("--out", default="benchmarks/results/quality_speed",
                         help="output prefix: PREFIX.json and PREFIX_*.png")
+    parser.add_argument("--dare-engine-config", type=json.loads, default={},
+                        help="engine-level DARE settings for the DARE modes, e.g. "
+                             "'{\"refresh_at_block_start\": false}' (docs/dare.md, Knobs)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
+    if not isinstance(args.dare_engine_config, dict) or {"mode", "tau_kv", "tau_o"} & set(
+            args.dare_engine_config):
+        parser.error("--dare-engine-config must be a JSON object without mode/tau_kv/tau_o "
+                     "(those come from --modes)")
     if args.model is None:
         args.model = default_model_path()
     report = evaluate(args, engine_for)

@@ -116,14 +116,15 @@ def attend_all_rows(query, key, value, kv_cache, meta: DareMetadata, layout, sca
     cache = slot_rows(kv_cache, layout, query.dtype)
     rows = torch.arange(T, device=query.device, dtype=torch.int32)
     q = query[:T].reshape(T, layout.q_width)
-    write_rows(key[:T].reshape(T, layout.kv_width), rows, meta.slot_mapping, cache, layout.k_offset)
-    write_rows(value[:T].reshape(T, layout.kv_width), rows, meta.slot_mapping, cache, layout.v_offset)
+    slots = meta.slot_mapping
+    write_rows(key[:T].reshape(T, layout.kv_width), rows, slots, cache, layout.k_offset)
+    write_rows(value[:T].reshape(T, layout.kv_width), rows, slots, cache, layout.v_offset)
     write_rows(q, rows, meta.slot_mapping, cache, layout.qref_offset)
     out = torch.empty(T, layout.num_heads, layout.head_dim, dtype=query.dtype, device=query.device)
     block_size = cache.shape[0] // kv_cache.shape[0]
     paged_attention_rows(q.view(T, layout.num_heads, layout.head_dim), cache, layout,
                          meta.block_table, meta.seq_lens, rows, meta.token_req, out,
-                         block_size, scale)
+                         block_size, scale, max_rows_per_req=meta.max_query_len)
     return out
 
 
