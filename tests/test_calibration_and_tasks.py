@@ -111,6 +111,13 @@ def test_harness_rejects_unknown_modes(text):
         _load_harness().parse_mode(text)
 
 
+@pytest.mark.parametrize("config", ['{"mode": "kv"}', '[1]', '{"tau_o": 0.1}'])
+def test_harness_rejects_dare_engine_config_that_clashes_with_modes(config, capsys):
+    with pytest.raises(SystemExit):
+        _load_harness().main(["--dare-engine-config", config, "--modes", "exact"])
+    assert "--dare-engine-config must be a JSON object" in capsys.readouterr().err
+
+
 def test_quality_speed_harness_reports_every_mode(engines, tiny_llada, tmp_path):
     harness = _load_harness()
     report = harness.main(
