@@ -73,7 +73,8 @@ def test_calibration_sweeps_and_writes_engine_config(engines, tiny_llada, tmp_pa
     # negligible threshold reuses exactly-unchanged rows and changes no output.
     args = Namespace(model=str(tiny_llada), prompts=str(prompts), per_task=0, max_tokens=16,
                      steps_per_token=True, mode="kv", taus=[1e-6, 0.05, 1.0],
-                     min_agreement=0.99, max_accuracy_drop=0.01)
+                     min_agreement=0.99, max_accuracy_drop=0.01,
+                     dare_engine_config={"refresh_at_block_start": True})
     report = calibrate(args, llm=llm)
     rows = {r["tau"]: r for r in report["rows"]}
     assert rows[1e-6]["kv_reuse"] <= rows[0.05]["kv_reuse"] <= rows[1.0]["kv_reuse"]
@@ -87,6 +88,8 @@ def test_calibration_sweeps_and_writes_engine_config(engines, tiny_llada, tmp_pa
     config = write_config(report, str(out))
     assert json.loads(out.read_text()) == config
     assert config["dare"]["tau_kv"] == report["chosen_tau"]
+    # The engine settings it ran under are part of the config it writes.
+    assert config["dare"]["refresh_at_block_start"] is True
 
 
 def _load_harness():

@@ -37,7 +37,7 @@ def _task_prompts(tokenizer, n: int):
 
 def calibrate(args, llm=None) -> dict:
     """Sweep ``args.taus``; ``llm`` (optional) is an engine started with the DARE
-    backend for ``args.model``."""
+    backend for ``args.model`` (and ``args.dare_engine_config``)."""
     from vllm import LLM, SamplingParams
 
     from vllm_dare.training.tasks import is_correct
@@ -47,7 +47,8 @@ def calibrate(args, llm=None) -> dict:
             model=args.model, dtype=args.dtype, enforce_eager=True,
             max_model_len=args.max_model_len, seed=0,
             attention_backend="dare",
-            additional_config={"dare": {"mode": args.mode, "tau_kv": 0.0, "tau_o": 0.0}},
+            additional_config={"dare": {"mode": args.mode, "tau_kv": 0.0, "tau_o": 0.0,
+                                        **args.dare_engine_config}},
         )
     tok = llm.get_tokenizer()
     if args.prompts:
@@ -101,6 +102,7 @@ def calibrate(args, llm=None) -> dict:
     chosen = max(ok, key=lambda r: r["tau"]) if ok else None
     return {
         "model": Path(args.model).name, "mode": args.mode, "prompts": len(items),
+        "engine_settings": dict(args.dare_engine_config),
         "min_agreement": args.min_agreement, "max_accuracy_drop": args.max_accuracy_drop,
         "device": platform.machine(), "rows": rows,
         "chosen_tau": chosen["tau"] if chosen else None,
@@ -112,7 +114,8 @@ def write_config(report: dict, path: str) -> dict | None:
     if report["chosen_tau"] is None:
         return None
     tau = report["chosen_tau"]
-    config = {"dare": {"mode": report["mode"], "tau_kv": tau, "tau_o": tau}}
+    config = {"dare": {"mode": report["mode"], "tau_kv": tau, "tau_o": tau,
+                       **report.get("engine_settings", {})}}
     Path(path).write_text(json.dumps(config) + "\n")
     return config
 
@@ -135,7 +138,14 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--out", default="dare.json", help="engine config to write")
     parser.add_argument("--report", default=None, help="JSON report of the sweep")
+    parser.add_argument("--dare-engine-config", type=json.loads, default={},
+                        help="other engine-level DARE settings to calibrate under and "
+                             "write, e.g. '{\"refresh_at_block_start\": false}'")
     args = parser.parse_args()
+    if not isinstance(args.dare_engine_config, dict) or {"mode", "tau_kv", "tau_o"} & set(
+            args.dare_engine_config):
+        parser.error("--dare-engine-config must be a JSON object without mode/tau_kv/tau_o "
+                     "(those are what is calibrated)")
     report = calibrate(args)
     print(f"{'tau':>6} {'kv reuse':>9} {'o reuse':>8} {'agree':>7} {'acc':>6} {'exact acc':>9}")
     for r in report["rows"]:
