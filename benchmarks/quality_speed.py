@@ -39,6 +39,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
+from vllm_dare.attention_backends.dare_settings import fixed_engine_settings_arg  # noqa: E402
+
 DEFAULT_MODES = [
     "exact", "exact:steps/2",
     "dare-kv:0.02", "dare-kv:0.05", "dare-kv:0.1",
@@ -430,15 +432,11 @@ def main(argv=None, engine_for=None) -> dict:
                         help="DARE mode whose reuse heat map is drawn (default: the first kv+o one)")
     parser.add_argument("--out", default="benchmarks/results/quality_speed",
                         help="output prefix: PREFIX.json and PREFIX_*.png")
-    parser.add_argument("--dare-engine-config", type=json.loads, default={},
+    parser.add_argument("--dare-engine-config", type=fixed_engine_settings_arg, default={},
                         help="engine-level DARE settings for the DARE modes, e.g. "
                              "'{\"refresh_at_block_start\": false}' (docs/dare.md, Knobs)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
-    if not isinstance(args.dare_engine_config, dict) or {"mode", "tau_kv", "tau_o"} & set(
-            args.dare_engine_config):
-        parser.error("--dare-engine-config must be a JSON object without mode/tau_kv/tau_o "
-                     "(those come from --modes)")
     if args.model is None:
         args.model = default_model_path()
     report = evaluate(args, engine_for)

@@ -114,11 +114,27 @@ def test_harness_rejects_unknown_modes(text):
         _load_harness().parse_mode(text)
 
 
-@pytest.mark.parametrize("config", ['{"mode": "kv"}', '[1]', '{"tau_o": 0.1}'])
-def test_harness_rejects_dare_engine_config_that_clashes_with_modes(config, capsys):
+@pytest.mark.parametrize("config,message", [
+    ('{"mode": "kv"}', "must not set mode"),
+    ('[1]', "must be a JSON object"),
+    ('{"tau_o": 0.1}', "must not set tau_o"),
+    ('{"refresh_at_block_start": 1}', "refresh_at_block_start must be true or false"),
+    ('{"refresh_every": 2}', "unknown DARE setting"),
+    ('{refresh', "not JSON"),
+])
+def test_dare_engine_config_option_rejects_bad_settings(config, message, capsys):
+    """``--dare-engine-config`` of the harness and of the calibration tool."""
+    from vllm_dare.tools import calibrate_dare
+
     with pytest.raises(SystemExit):
         _load_harness().main(["--dare-engine-config", config, "--modes", "exact"])
-    assert "--dare-engine-config must be a JSON object" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sys_argv = ["calibrate_dare", "--model", "m", "--dare-engine-config", config]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("sys.argv", sys_argv)
+            calibrate_dare.main()
+    assert message in capsys.readouterr().err
 
 
 def test_quality_speed_harness_reports_every_mode(engines, tiny_llada, tmp_path):

@@ -17,6 +17,8 @@ per-request overrides (``SamplingParams.extra_args``: ``dare_mode``, ``dare_tau_
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -76,6 +78,24 @@ class DareSettings:
             )
         return cls(**raw).check()
 
+    @classmethod
+    def parse_fixed_engine_settings(cls, text: str) -> dict[str, Any]:
+        """A JSON object of engine-level settings other than ``mode``/``tau_kv``/
+        ``tau_o`` (which a sweep varies), checked like an engine config; for the
+        ``--dare-engine-config`` option of the harness and the calibration tool."""
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"must be a JSON object, got {text!r}")
+        swept = sorted({"mode", "tau_kv", "tau_o"} & set(raw))
+        if swept:
+            raise ValueError(f"must not set {', '.join(swept)} (the modes / thresholds "
+                             "being measured set those)")
+        cls.from_engine_config(raw)  # unknown keys and bad values
+        return raw
+
     def for_request(self, extra_args: dict[str, Any] | None) -> DareSettings:
         """This engine's settings with the request's ``dare_*`` overrides."""
         extra = extra_args or {}
@@ -92,3 +112,12 @@ class DareSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def fixed_engine_settings_arg(text: str) -> dict[str, Any]:
+    """``argparse`` type of ``--dare-engine-config`` (harness, calibration tool):
+    ``DareSettings.parse_fixed_engine_settings`` with its message as the error."""
+    try:
+        return DareSettings.parse_fixed_engine_settings(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -20,6 +20,8 @@ import platform
 import time
 from pathlib import Path
 
+from vllm_dare.attention_backends.dare_settings import fixed_engine_settings_arg
+
 
 def _task_prompts(tokenizer, n: int):
     from vllm_dare.training.tasks import TASKS, held_out
@@ -138,14 +140,10 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--out", default="dare.json", help="engine config to write")
     parser.add_argument("--report", default=None, help="JSON report of the sweep")
-    parser.add_argument("--dare-engine-config", type=json.loads, default={},
+    parser.add_argument("--dare-engine-config", type=fixed_engine_settings_arg, default={},
                         help="other engine-level DARE settings to calibrate under and "
                              "write, e.g. '{\"refresh_at_block_start\": false}'")
     args = parser.parse_args()
-    if not isinstance(args.dare_engine_config, dict) or {"mode", "tau_kv", "tau_o"} & set(
-            args.dare_engine_config):
-        parser.error("--dare-engine-config must be a JSON object without mode/tau_kv/tau_o "
-                     "(those are what is calibrated)")
     report = calibrate(args)
     print(f"{'tau':>6} {'kv reuse':>9} {'o reuse':>8} {'agree':>7} {'acc':>6} {'exact acc':>9}")
     for r in report["rows"]:
