@@ -94,6 +94,32 @@ def test_recompute_candidates_forces_exactly_the_blocks_masked_positions(engines
             assert ps[key] - gs[key] == 2 * 28 * gs["num_layers"], key
 
 
+def test_guidance_twin_follows_its_owners_blocks_and_candidates(engines, tiny_llada):
+    """A guided request runs an unconditional twin whose logits steer the owner's
+    step: the twin refreshes at the owner's block starts and recomputes the owner's
+    candidates. With tau above any delta, recomputing the candidates then costs 28
+    rows per block and layer for each of the two (see the test above), counted in
+    the engine-wide per-layer totals."""
+    from vllm_dare.attention_backends import dare_stats
+
+    llm = _dare(engines, tiny_llada, "kv+o", 0.05)
+    ids = [llm.get_tokenizer().encode(PROMPTS[1])]
+    base = {"dllm_steps": 16, "dllm_block_length": 8, "dllm_cfg_scale": 1.0,
+            "dare_tau_kv": 1e6, "dare_tau_o": 1e6}
+
+    def reused(extra):
+        before = dare_stats.layer_totals()
+        _run(llm, ids, 16, extra)
+        return dare_stats.layer_totals() - before
+
+    plain = reused(base)
+    guarded = reused({**base, "dare_recompute_candidates": True})
+    num_layers = plain.shape[0]
+    assert (plain[:, 0] == guarded[:, 0]).all()  # same rows processed
+    for column in (1, 2):  # K/V reused, O reused
+        assert plain[:, column].sum() - guarded[:, column].sum() == 2 * 2 * 28 * num_layers
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [

@@ -24,7 +24,7 @@ from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
 from vllm_dare.attention_backends.dare_layer_step import DareStepInputs
 from vllm_dare.model_executor.denoising.params import DenoisingDefaults
-from vllm_dare.model_executor.denoising.sampler import DenoisingSampler
+from vllm_dare.model_executor.denoising.sampler import CfgTwin, DenoisingSampler
 
 
 class DenoisingModelState(DefaultModelState):
@@ -119,21 +119,27 @@ class DenoisingModelState(DefaultModelState):
                 continue  # prompt pass or first forward over the full sequence
             if settings.refresh_interval and forwards % settings.refresh_interval == 0:
                 continue
-            state = self.sampler.states.get(slot)
+            # The denoiser whose step this forward's logits decide: a guidance
+            # twin's logits steer its owner's step, so it follows the owner's blocks
+            # and candidates.
+            deciding = self.sampler.states.get(slot)
+            if isinstance(deciding, CfgTwin):
+                owner_slot = self._slot_of.get(deciding.owner_req_id)
+                deciding = None if owner_slot is None else self.sampler.states.get(owner_slot)
             if (
                 settings.refresh_at_block_start
-                and state is not None
-                and state.at_block_start()
+                and deciding is not None
+                and deciding.at_block_start()
             ):
                 continue
             force[a:b] = ids != prev  # tokens whose input changed
-            if settings.recompute_candidates and state is not None:
+            if settings.recompute_candidates and deciding is not None:
                 # The hidden rows whose logits pick this step's tokens (Dream reads
                 # position p's logits from row p - 1; the offset is added to
                 # ``logits_indices`` only after this).
                 c0, c1 = input_batch.cu_num_logits_np[i : i + 2].tolist()
                 rows = input_batch.logits_indices[c0:c1] + self.logits_position_offset
-                force[rows[state.candidates()]] = True
+                force[rows[deciding.candidates()]] = True
             tau_kv[a:b] = settings.tau_kv if settings.reuses_kv else 0.0
             tau_o[a:b] = settings.tau_o if settings.reuses_o else 0.0
             any_reuse = True

@@ -55,14 +55,6 @@ class CfgTwin:
     owner_req_id: str
     canvas: torch.Tensor
 
-    def at_block_start(self) -> bool:
-        return False
-
-    def candidates(self) -> torch.Tensor:
-        """None of its own: its logits only steer the owner's step (whose candidates
-        the owner's request forces)."""
-        return torch.zeros_like(self.canvas, dtype=torch.bool)
-
     @property
     def gen_length(self) -> int:
         return self.canvas.shape[0]
