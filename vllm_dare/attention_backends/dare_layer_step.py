@@ -175,14 +175,22 @@ def dare_attention_step(
         else:
             ref_rows = all_rows[~torch.where(step.kv_is_reference, reuse_kv, reuse_o)]
 
+    # The kernels take int32 row ids; the row lists are often the same tensor
+    # (all rows, or Q_ref following K/V), so each is converted once.
+    int32_rows: dict[int, torch.Tensor] = {}
+
+    def rows32(rows: torch.Tensor) -> torch.Tensor:
+        if id(rows) not in int32_rows:
+            int32_rows[id(rows)] = rows.to(torch.int32)
+        return int32_rows[id(rows)]
+
     # K/V projection of the recomputed rows only.
     if kv_rows.numel():
         k, v = project_kv(kv_rows)
-        kv_rows32 = kv_rows.to(torch.int32)
-        write_rows(k, kv_rows32, meta.slot_mapping, cache, layout.k_offset)
-        write_rows(v, kv_rows32, meta.slot_mapping, cache, layout.v_offset)
+        write_rows(k, rows32(kv_rows), meta.slot_mapping, cache, layout.k_offset)
+        write_rows(v, rows32(kv_rows), meta.slot_mapping, cache, layout.v_offset)
     if ref_rows.numel():
-        write_rows(q if ref_rows.numel() == T else q[ref_rows], ref_rows.to(torch.int32),
+        write_rows(q if ref_rows.numel() == T else q[ref_rows], rows32(ref_rows),
                    meta.slot_mapping, cache, layout.qref_offset)
 
     # Attention and output projection of the recomputed rows only; the reused
@@ -192,7 +200,7 @@ def dare_attention_step(
     if R:
         # The kernel writes row i of its output at position row_token[i]; here
         # the recomputed rows are packed, so position i of ``attn``.
-        packed = all_rows[:R].to(torch.int32)
+        packed = rows32(all_rows) if R == T else all_rows[:R].to(torch.int32)
         q_rows = q if R == T else q[o_rows]
         row_req = meta.token_req if R == T else meta.token_req[o_rows]
         paged_attention_rows(q_rows.view(R, layout.num_heads, layout.head_dim), cache,
@@ -209,7 +217,7 @@ def dare_attention_step(
         if R:
             out.index_copy_(0, o_rows, projected)
     if R:
-        write_rows(projected, o_rows.to(torch.int32), meta.slot_mapping, cache, layout.o_offset)
+        write_rows(projected, rows32(o_rows), meta.slot_mapping, cache, layout.o_offset)
 
     runtime.count(layer_index, meta, T - kv_rows.numel(), T - R, reused_rows)
     return out
