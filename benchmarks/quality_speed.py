@@ -14,7 +14,8 @@ Modes (``--modes``):
 * ``dare-kv:TAU``, ``dare-o:TAU``, ``dare-kv+o:TAU`` -- the DARE backend with
   ``tau_kv`` and/or ``tau_o`` = TAU (per-request overrides on one DARE engine);
   ``dare-...:TAU,candidates`` also recomputes the positions the step may unmask
-  (``dare_recompute_candidates``)
+  (``dare_recompute_candidates``); ``candidates=N`` only the N of them the previous
+  step ranked most confident (``dare_candidate_limit``)
 
 Exact-mode engines and the DARE engine are built one after the other in this process.
 Every task's prompts go into one ``generate`` call, all requests admitted together
@@ -58,7 +59,7 @@ class Mode:
 
 
 def parse_mode(text: str) -> Mode:
-    """``exact``, ``exact:steps/K``, ``dare-{kv,o,kv+o}:TAU[,candidates]``."""
+    """``exact``, ``exact:steps/K``, ``dare-{kv,o,kv+o}:TAU[,candidates[=N]]``."""
     if text == "exact":
         return Mode(text, "exact")
     if text.startswith("exact:steps/"):
@@ -74,17 +75,25 @@ def parse_mode(text: str) -> Mode:
         tau = float(tau_text)
         if tau < 0:
             raise ValueError(f"negative threshold in mode {text!r}")
-        unknown = set(options) - {"candidates"}
-        if unknown:
-            raise ValueError(f"unknown DARE option(s) {sorted(unknown)} in {text!r} (candidates)")
-        return Mode(text, "dare", extra_args={
+        extra_args = {
             "dare_mode": kind, "dare_tau_kv": tau if "kv" in kind else 0.0,
             "dare_tau_o": tau if "o" in kind else 0.0,
-            "dare_recompute_candidates": "candidates" in options,
-        })
+            "dare_recompute_candidates": False,
+        }
+        for option in options:
+            name, _, value = option.partition("=")
+            if name != "candidates":
+                raise ValueError(f"unknown DARE option {option!r} in {text!r} "
+                                 "(candidates or candidates=N)")
+            extra_args["dare_recompute_candidates"] = True
+            if value:
+                if not value.isdigit() or int(value) < 1:
+                    raise ValueError(f"candidates=N needs an integer N >= 1 in {text!r}")
+                extra_args["dare_candidate_limit"] = int(value)
+        return Mode(text, "dare", extra_args=extra_args)
     raise ValueError(
         f"unknown mode {text!r}: use exact, exact:steps/K or "
-        f"dare-{{kv,o,kv+o}}:TAU[,candidates]"
+        f"dare-{{kv,o,kv+o}}:TAU[,candidates[=N]]"
     )
 
 

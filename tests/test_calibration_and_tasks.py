@@ -108,10 +108,20 @@ def _load_harness():
 
 
 @pytest.mark.parametrize("text", ["fast", "dare-kv", "dare-qkv:0.1", "dare-o:-1", "exact:steps/0",
-                                  "dare-kv:0.1,often"])
+                                  "dare-kv:0.1,often", "dare-kv:0.1,candidates=0",
+                                  "dare-kv:0.1,candidates=two"])
 def test_harness_rejects_unknown_modes(text):
     with pytest.raises(ValueError):
         _load_harness().parse_mode(text)
+
+
+def test_harness_mode_options_become_request_knobs():
+    parse = _load_harness().parse_mode
+    assert parse("dare-kv+o:0.05").extra_args["dare_recompute_candidates"] is False
+    limited = parse("dare-kv+o:0.05,candidates=3").extra_args
+    assert limited["dare_recompute_candidates"] is True
+    assert limited["dare_candidate_limit"] == 3
+    assert "dare_candidate_limit" not in parse("dare-o:0.1,candidates").extra_args
 
 
 @pytest.mark.parametrize("config,message", [

@@ -94,6 +94,22 @@ def test_recompute_candidates_forces_exactly_the_blocks_masked_positions(engines
             assert ps[key] - gs[key] == 2 * 28 * gs["num_layers"], key
 
 
+def test_candidate_limit_forces_at_most_that_many_per_step(engines, tiny_llada):
+    """As above, with at most 2 candidates per forward: the 7 forwards after a block
+    start recompute min(2, n) of their n = 7, 6, ..., 1 masked positions, 13 rows per
+    block and layer."""
+    llm = _dare(engines, tiny_llada, "kv+o", 0.05)
+    ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
+    base = {"dllm_steps": 16, "dllm_block_length": 8, "dare_tau_kv": 1e6, "dare_tau_o": 1e6}
+    plain = _run(llm, ids, 16, base)
+    limited = _run(llm, ids, 16, {**base, "dare_recompute_candidates": True,
+                                  "dare_candidate_limit": 2})
+    for p, g in zip(plain, limited):
+        ps, gs = p.kv_transfer_params["dare"], g.kv_transfer_params["dare"]
+        for key in ("kv_reused", "o_reused"):
+            assert ps[key] - gs[key] == 2 * 13 * gs["num_layers"], key
+
+
 def test_guidance_twin_follows_its_owners_blocks_and_candidates(engines, tiny_llada):
     """A guided request runs an unconditional twin whose logits steer the owner's
     step: the twin refreshes at the owner's block starts and recomputes the owner's
@@ -128,6 +144,9 @@ def test_guidance_twin_follows_its_owners_blocks_and_candidates(engines, tiny_ll
         ({"dare_refresh_interval": 1.5}, "refresh_interval must be an integer"),
         ({"dare_tau": 0.1}, "unknown DARE knob 'dare_tau'"),
         ({"dare_recompute_candidates": "yes"}, "recompute_candidates must be true or false"),
+        ({"dare_recompute_candidates": True, "dare_candidate_limit": -1},
+         "candidate_limit must be an integer >= 0"),
+        ({"dare_candidate_limit": 2}, "candidate_limit limits recompute_candidates, which is off"),
     ],
 )
 def test_bad_dare_knobs_are_rejected(engines, tiny_llada, extra, message):

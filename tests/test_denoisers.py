@@ -137,3 +137,36 @@ def test_dream_top_p_keeps_the_nucleus():
         den.step(logits)
         picks.add(int(den.canvas[0]))
     assert picks == {3}
+
+
+def _ranked_logits(scores):
+    """Logits whose greedy confidence at position j grows with ``scores[j]``."""
+    logits = torch.zeros(len(scores), VOCAB)
+    logits[:, 5] = torch.tensor(scores, dtype=torch.float32)
+    return logits
+
+
+def test_dream_candidates_limit_keeps_the_most_confident_still_masked():
+    den = _dream(6, 3, dllm_alg="maskgit_plus")  # unmasks 1 token at the first step
+    assert den.candidates(2).tolist() == [True] * 6  # no ranking before the first step
+    den.step(_ranked_logits([1.0, 5.0, 3.0, 9.0, 2.0, 7.0]))
+    assert (den.canvas != MASK).nonzero().squeeze(-1).tolist() == [3]
+    assert den.candidates().tolist() == [True, True, True, False, True, True]
+    assert den.candidates(2).nonzero().squeeze(-1).tolist() == [1, 5]
+    assert den.candidates(5).tolist() == den.candidates().tolist()
+    # ``origin`` does not rank, so it always gives every candidate.
+    origin = _dream(6, 3, dllm_alg="origin")
+    origin.step(_ranked_logits([1.0, 5.0, 3.0, 9.0, 2.0, 7.0]))
+    assert origin.candidates(2).tolist() == origin.candidates().tolist()
+
+
+def test_llada_candidates_limit_ranks_within_the_block_then_by_position():
+    den = _llada(8, 8, 4)  # one token per step, blocks of 4
+    den.step(_ranked_logits([2.0, 8.0, 4.0, 6.0, 99.0, 99.0, 99.0, 99.0]))
+    assert den.canvas[1] == 5  # the later block never competes
+    assert den.candidates(2).nonzero().squeeze(-1).tolist() == [2, 3]
+    for _ in range(3):
+        den.step(_ranked_logits([2.0, 8.0, 4.0, 6.0, 99.0, 99.0, 99.0, 99.0]))
+    # First step of block 1: its positions were not ranked by the last step, so
+    # the lowest positions come first.
+    assert den.candidates(2).nonzero().squeeze(-1).tolist() == [4, 5]

@@ -1,6 +1,7 @@
 """DARE knobs: engine defaults (``--additional-config '{"dare": {...}}'``) and
 per-request overrides (``SamplingParams.extra_args``: ``dare_mode``, ``dare_tau_kv``,
-``dare_tau_o``, ``dare_refresh_interval``, ``dare_recompute_candidates``).
+``dare_tau_o``, ``dare_refresh_interval``, ``dare_recompute_candidates``,
+``dare_candidate_limit``).
 
 * ``mode`` -- ``off`` (recompute everything; equals exact mode), ``kv`` (reuse
   keys/values), ``o`` (reuse attention outputs), ``kv+o`` (both).
@@ -11,6 +12,8 @@ per-request overrides (``SamplingParams.extra_args``: ``dare_mode``, ``dare_tau_
 * ``recompute_candidates`` -- always recompute the still-masked positions whose
   logits this step's unmasking choice reads (LLaDA: the current block; Dream: every
   masked position), i.e. the hidden rows those logits come from.
+* ``candidate_limit`` -- with ``recompute_candidates``, recompute only the N
+  candidates the previous step ranked most confident (0: all of them).
 * ``per_head`` (engine only) -- use the largest per-head delta instead of the
   delta over all heads of the token.
 """
@@ -25,9 +28,9 @@ from typing import Any
 
 MODES = ("off", "kv", "o", "kv+o")
 REQUEST_KEYS = ("dare_mode", "dare_tau_kv", "dare_tau_o", "dare_refresh_interval",
-                "dare_recompute_candidates")
+                "dare_recompute_candidates", "dare_candidate_limit")
 ENGINE_KEYS = ("mode", "tau_kv", "tau_o", "refresh_interval", "refresh_at_block_start",
-               "recompute_candidates", "per_head")
+               "recompute_candidates", "candidate_limit", "per_head")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class DareSettings:
     refresh_interval: int = 0
     refresh_at_block_start: bool = True
     recompute_candidates: bool = False
+    candidate_limit: int = 0
     per_head: bool = False
 
     @property
@@ -65,6 +69,12 @@ class DareSettings:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"dare {name} must be true or false, got "
                                  f"{getattr(self, name)!r}")
+        limit = self.candidate_limit
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"dare candidate_limit must be an integer >= 0, got {limit!r}")
+        if limit and not self.recompute_candidates:
+            raise ValueError("dare candidate_limit limits recompute_candidates, which is off; "
+                             "turn it on or leave candidate_limit at 0")
         return self
 
     @classmethod

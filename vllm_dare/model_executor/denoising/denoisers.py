@@ -29,6 +29,10 @@ class Denoiser:
         )
         self.next_step = 0
         self.steps_run = 0  # steps that ran a forward (skipped no-op steps excluded)
+        # Per canvas position, the score the last step ranked it by when choosing
+        # what to unmask (-inf: not eligible then); None before the first step and
+        # for algorithms that do not rank (Dream's ``origin``).
+        self.last_confidence: torch.Tensor | None = None
 
     def step(self, logits: torch.Tensor) -> bool:
         """Apply one step given ``logits [gen_length, vocab]``; True when done."""
@@ -42,10 +46,25 @@ class Denoiser:
         """True when the next step is the first of a (semi-autoregressive) block."""
         return self.next_step == 0
 
-    def candidates(self) -> torch.Tensor:
-        """bool [gen_length]: the canvas positions the next step may unmask, whose
-        logits decide it (every masked position unless a block limits them)."""
+    def eligible(self) -> torch.Tensor:
+        """bool [gen_length]: the canvas positions the next step may unmask (every
+        masked position unless a block limits them)."""
         return self.canvas == self.mask_token_id
+
+    def candidates(self, limit: int = 0) -> torch.Tensor:
+        """bool [gen_length]: the positions whose logits decide the next step. All
+        eligible positions, or with ``limit`` > 0 only the ``limit`` of them the last
+        step ranked highest (those without a score from it rank last; ties go to the
+        lower position)."""
+        eligible = self.eligible()
+        if limit <= 0 or self.last_confidence is None or int(eligible.sum()) <= limit:
+            return eligible
+        score = torch.where(eligible, self.last_confidence.double(), float("-inf"))
+        order = torch.sort(score, descending=True, stable=True).indices
+        ranked = eligible[order].nonzero().squeeze(-1)[:limit]
+        chosen = torch.zeros_like(eligible)
+        chosen[order[ranked]] = True
+        return chosen
 
 
 def llada_transfer_counts(block_length: int, steps_per_block: int) -> list[int]:
@@ -67,7 +86,7 @@ class LLaDADenoiser(Denoiser):
     def at_block_start(self) -> bool:
         return self.next_step % self.params.steps_per_block == 0
 
-    def candidates(self) -> torch.Tensor:
+    def eligible(self) -> torch.Tensor:
         p = self.params
         block = self.next_step // p.steps_per_block
         masked = self.canvas == self.mask_token_id
@@ -96,6 +115,7 @@ class LLaDADenoiser(Denoiser):
                                     generator=self.generator)
         confidence[(block + 1) * p.block_length :] = float("-inf")
         confidence = torch.where(masked, confidence, float("-inf"))
+        self.last_confidence = confidence
         if k > 0:
             chosen = torch.topk(confidence, k).indices
             self.canvas[chosen] = tokens[chosen]
@@ -176,6 +196,10 @@ class DreamDenoiser(Denoiser):
                 self.canvas[positions[reveal]] = tokens
         else:
             confidence, tokens = self._sample(masked_logits)
+            self.last_confidence = torch.full(
+                (self.gen_length,), float("-inf"), dtype=confidence.dtype,
+                device=confidence.device,
+            ).index_put_((positions,), confidence)
             k = self._num_transfer(i, num_masked)
             if k > 0:
                 if p.alg_temp:

@@ -139,7 +139,7 @@ class DenoisingModelState(DefaultModelState):
                 # ``logits_indices`` only after this).
                 c0, c1 = input_batch.cu_num_logits_np[i : i + 2].tolist()
                 rows = input_batch.logits_indices[c0:c1] + self.logits_position_offset
-                force[rows[deciding.candidates()]] = True
+                force[rows[deciding.candidates(settings.candidate_limit)]] = True
             tau_kv[a:b] = settings.tau_kv if settings.reuses_kv else 0.0
             tau_o[a:b] = settings.tau_o if settings.reuses_o else 0.0
             any_reuse = True
