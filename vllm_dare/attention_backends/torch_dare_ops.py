@@ -39,14 +39,16 @@ def paged_attention_rows(
     # Gather the K and V columns only (a slot row also holds O and Q_ref).
     kv = cache[:, layout.k_offset : layout.v_offset + Hkv * D].index_select(0, slots.view(-1))
     kv = kv.view(B, n_max, 2, Hkv, D).float()
-    k, v = kv[:, :, 0], kv[:, :, 1]  # [B, N, Hkv, D]
-    qp = q.new_zeros((B, r_max, Hkv, group, D), dtype=torch.float32)
-    qp[row_req, rank] = q[row_token].view(-1, Hkv, group, D).float()
-    scores = torch.einsum("brkgd,bnkd->bkgrn", qp, k) * scale
-    scores.masked_fill_(~valid[:, None, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    o = torch.einsum("bkgrn,bnkd->brkgd", probs, v)
-    out[row_token] = o[row_req, rank].reshape(-1, H, D).to(out.dtype)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [B, Hkv, N, D]
+    qp = q.new_zeros((B, r_max, H, D), dtype=torch.float32)
+    qp[row_req, rank] = q[row_token].float()
+    # Padded key slots are masked out; with equal lengths there is nothing to mask
+    # and SDPA takes its fused path.
+    mask = None if bool(valid.all()) else valid[:, None, None, :]
+    o = torch.nn.functional.scaled_dot_product_attention(
+        qp.transpose(1, 2), k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1
+    )  # [B, H, R, D]
+    out[row_token] = o.transpose(1, 2)[row_req, rank].to(out.dtype)
 
 
 def write_rows(src, rows, slot_mapping, cache, col_offset: int) -> None:
