@@ -62,6 +62,23 @@ def test_diffusion_loss_trains_a_tiny_model(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
 
 
+def test_training_cli_with_bf16_autocast_and_compile_writes_a_loadable_model(tmp_path):
+    """The training speed-ups (compiled forward, bf16 matmuls) run end to end and
+    write a checkpoint the reference loads, with its training card."""
+    from vllm_dare.reference import load_reference_model
+    from vllm_dare.training.train import main
+
+    out = tmp_path / "model"
+    main(["llada", str(out), "--hidden-size", "32", "--layers", "1", "--heads", "2",
+          "--intermediate-size", "64", "--batch", "8", "--steps", "4", "--eval-every", "4",
+          "--eval-n", "2", "--threads", "1", "--bf16-autocast", "--compile"])
+    card = json.loads((out / "training.json").read_text())
+    assert card["steps"] == 4 and "--compile" in card["command"]
+    assert set(card["heldout_exact_accuracy_reference_fp32"]) == set(TASKS)
+    model = load_reference_model(out)
+    assert model.logits(torch.tensor([1, 2, 3])).shape[0] == 3
+
+
 def test_calibration_sweeps_and_writes_engine_config(engines, tiny_llada, tmp_path):
     from vllm_dare.tools.calibrate_dare import calibrate, write_config
 

@@ -70,13 +70,17 @@ def make_batch(tokenizer, task: str, batch: int, rng: random.Random, exclude: se
     return torch.tensor(prompts), torch.tensor(answers)
 
 
-def diffusion_loss(model: ReferenceDLLM, prompts, answers, mask_id: int, gen: torch.Generator):
+def diffusion_loss(model: ReferenceDLLM, prompts, answers, mask_id: int, gen: torch.Generator,
+                   forward=None):
+    """``forward``: the logits function to train through (default
+    ``model.forward_logits``; the training loop may pass a compiled one)."""
+    forward = forward or model.forward_logits
     B, P = prompts.shape
     L = answers.shape[1]
     t = torch.rand(B, 1, generator=gen) * (1 - 1e-3) + 1e-3
     masked = torch.rand(B, L, generator=gen) < t
     noisy = torch.where(masked, torch.full_like(answers, mask_id), answers)
-    logits = model.forward_logits(torch.cat([prompts, noisy], dim=1))[:, P:]
+    logits = forward(torch.cat([prompts, noisy], dim=1))[:, P:]
     ce = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), answers.reshape(-1), reduction="none"
     ).view(B, L)
@@ -153,10 +157,18 @@ def train(args) -> None:
     start = time.time()
     accuracy: dict[str, float] = {}
     weights_by_task = [args.task_weights.get(t, 1.0) for t in task_names]
+    # Training-only speed-ups (evaluation always runs the fp32 reference as is):
+    # a compiled forward (one graph per task's sequence length) and bf16 matmuls
+    # under CPU autocast with fp32 master weights. On a 2-core AVX512-BF16 CPU the
+    # two together halve the step time.
+    forward = (torch.compile(model.forward_logits, dynamic=False) if args.compile
+               else model.forward_logits)
     for step in range(1, args.steps + 1):
         task = rng.choices(task_names, weights=weights_by_task)[0]
         prompts, answers = make_batch(tokenizer, task, args.batch, rng, exclude)
-        loss = diffusion_loss(model, prompts, answers, config["mask_token_id"], gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16_autocast):
+            loss = diffusion_loss(model, prompts, answers, config["mask_token_id"], gen,
+                                  forward)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -223,6 +235,10 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-n", type=int, default=50)
     parser.add_argument("--target", type=float, default=0.97)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bf16-autocast", action="store_true",
+                        help="train with bf16 matmuls (CPU autocast; fp32 master weights)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the training forward (needs a C++ compiler)")
     parser.add_argument("--init-from", default=None,
                         help="checkpoint folder written by this script to continue from")
     parser.add_argument("--task-weights", type=json.loads, default={},
