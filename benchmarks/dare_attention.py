@@ -11,7 +11,9 @@ cache, and one of two scopes:
   embedding and LM head. DARE never skips the MLP, so this bounds what DARE can
   buy end to end. RoPE is left out of both sides.
 
-Timed per setting (same run, same inputs):
+Timed per setting (same run, same inputs; the settings are timed round-robin, one
+call of each per round, and a speed-up is the median of its per-round ratios, so
+that drift in the machine's speed hits every setting alike):
 
 * exact     -- fused QKV projection of every token, PyTorch SDPA (non-causal),
                output projection;
@@ -67,16 +69,20 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _time(fn, device, reps: int) -> float:
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
+def _time_interleaved(fns: dict, device, reps: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, measured round-robin (one call of each per
+    round) so that drift in the machine's speed hits every setting alike."""
+    for fn in fns.values():
         fn()
         _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 class Stack:
@@ -197,25 +203,33 @@ def run(args) -> dict:
     dtype = getattr(torch, args.dtype)
     stack = Stack(args, device, dtype)
     ops = dare_ops(device)
-    t_exact = _time(stack.exact, device, args.reps)
     off = stack.runtime(None)
-    t_off = _time(lambda: stack.dare(off), device, args.reps)
-    results = []
+    runtimes = {}
     for rate in args.reuse:
         n = int(round(rate * stack.T))
-        reuse_rows = torch.randperm(stack.T, generator=stack.g)[:n].to(device)
-        runtime = stack.runtime(reuse_rows)
-        runtime.layer_counts[:] = 0
-        t = _time(lambda: stack.dare(runtime), device, args.reps)
+        runtimes[rate] = stack.runtime(torch.randperm(stack.T, generator=stack.g)[:n].to(device))
+    fns = {"exact": stack.exact, "off": lambda: stack.dare(off)}
+    fns.update({rate: (lambda rt=rt: stack.dare(rt)) for rate, rt in runtimes.items()})
+    times = _time_interleaved(fns, device, args.reps)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    t_exact, t_off = med["exact"], med["off"]
+
+    def paired(base: str, name) -> float:
+        """Median over rounds of base time / this setting's time in the same round."""
+        return statistics.median(b / t for b, t in zip(times[base], times[name]))
+
+    results = []
+    for rate, runtime in runtimes.items():
         counts = runtime.layer_counts.sum(0).tolist()  # tokens, K/V reused, O reused
-        results.append({"reuse": rate, "dare_ms": t * 1e3, "exact_ms": t_exact * 1e3,
-                        "speedup_vs_exact": t_exact / t,
-                        "speedup_vs_engine_off": t_off / t,
+        results.append({"reuse": rate, "dare_ms": med[rate] * 1e3, "exact_ms": t_exact * 1e3,
+                        "speedup_vs_exact": paired("exact", rate),
+                        "speedup_vs_engine_off": paired("off", rate),
+                        "speedup_vs_exact_of_medians": t_exact / med[rate],
                         "measured_kv_reuse": counts[1] / counts[0],
                         "measured_o_reuse": counts[2] / counts[0]})
         if args.profile:
             print(f"--- profile, reuse {rate}")
-            print(_profile(lambda: stack.dare(runtime), device))
+            print(_profile(lambda runtime=runtime: stack.dare(runtime), device))
     s = SHAPES[args.shape]
     return {
         "benchmark": "dare_attention_layer" if args.scope == "attention" else "dare_decoder_stack",
@@ -230,6 +244,9 @@ def run(args) -> dict:
         "kernels": ops.__name__.rsplit(".", 1)[-1],
         "exact_ms": t_exact * 1e3,
         "engine_off_ms": t_off * 1e3,
+        "engine_off_speedup_vs_exact": paired("exact", "off"),
+        "timing": "every setting timed round-robin, reps rounds; ms are medians; "
+                  "speed-ups are medians of the per-round ratios",
         "results": results,
     }
 
@@ -259,7 +276,8 @@ def main() -> None:
           f"{report['dtype']}, {report['device']}, kernels: {report['kernels']}")
     print(f"exact (SDPA) {report['exact_ms']:.2f} ms; engine step with nothing reused "
           f"{report['engine_off_ms']:.2f} ms "
-          f"({report['exact_ms'] / report['engine_off_ms']:.2f}x)")
+          f"({report['engine_off_speedup_vs_exact']:.2f}x; speed-ups are medians of "
+          f"per-round ratios, settings timed round-robin)")
     print(f"{'reuse':>6} {'exact ms':>10} {'DARE ms':>10} {'vs exact':>9} {'vs off':>8}")
     for r in report["results"]:
         print(f"{r['reuse']:>6.2f} {r['exact_ms']:>10.2f} {r['dare_ms']:>10.2f} "
