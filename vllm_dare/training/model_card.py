@@ -93,7 +93,7 @@ def render(model_dir: Path, harness: dict | None, machine_note: str) -> str:
         "Masked-diffusion objective (mask ratio t ~ U(1e-3, 1) per sequence over the "
         "answer and its EOS padding, cross-entropy on masked positions weighted by 1/t"
         + ("; Dream's one-position logit shift" if family == "dream" else "")
-        + "), AdamW with a one-cycle schedule, reproducible from the seed:",
+        + "), AdamW with a one-cycle schedule.",
     ]
     stages = []
     prev = card.get("continued_from")
@@ -101,6 +101,13 @@ def render(model_dir: Path, harness: dict | None, machine_note: str) -> str:
         stages.insert(0, prev)
         prev = prev.get("continued_from")
     stages.append(card)
+    if any("--compile" in s["command"] or "--bf16-autocast" in s["command"] for s in stages):
+        lines[-1] += (
+            " Data and initialisation follow the seed, but the compiled bf16-autocast "
+            "training step is not bitwise reproducible: the same command can take a "
+            "different trajectory (docs/evaluation.md, Training time).")
+    else:
+        lines[-1] += " Reproducible from the seed."
     for i, stage in enumerate(stages):
         if len(stages) > 1:
             lines += ["", f"Stage {i + 1}" + (" (continues from the previous stage's "
@@ -116,6 +123,9 @@ def render(model_dir: Path, harness: dict | None, machine_note: str) -> str:
             "held-out accuracy after it: "
             + ", ".join(f"{t} {100 * acc[t]:.1f}%" for t in TASKS) + ".",
         ]
+    if len(stages) > 1:
+        total = sum(stage["train_minutes"] for stage in stages)
+        lines += ["", f"{len(stages)} stages, {total:.1f} minutes of training in all."]
     lines += [
         "",
         "## Held-out accuracy, exact mode (greedy)",

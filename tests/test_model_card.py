@@ -1,0 +1,61 @@
+"""The model card renders every training stage of a continued checkpoint, in order,
+with its command rewritten to the packaged folder, and the total training time."""
+
+from __future__ import annotations
+
+import json
+
+from vllm_dare.training.model_card import packaged_command, render
+
+
+def _stage(command: str, steps: int, minutes: float, acc: float, previous=None) -> dict:
+    stage = {
+        "family": "llada", "seed": 0, "steps": steps, "train_minutes": minutes,
+        "size": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": None,
+                 "intermediate_size": 32, "vocab_size": 128, "max_length": 64},
+        "parameters": 12345,
+        "heldout_exact_accuracy_reference_fp32": {"add": acc, "sort": acc, "words": acc},
+        "decoding": "greedy", "command": command,
+    }
+    if previous is not None:
+        stage["continued_from"] = previous
+    return stage
+
+
+def test_card_lists_stages_in_order_with_total(tmp_path):
+    model_dir = tmp_path / "llada-tasks"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"mask_token_id": 2, "vocab_size": 128}))
+    first = _stage("python -m vllm_dare.training.train llada /tmp/a --steps 100", 100, 30.5, 0.5)
+    second = _stage("python -m vllm_dare.training.train llada /tmp/b --init-from /tmp/a "
+                    "--steps 40", 40, 10.0, 0.95, previous=first)
+    (model_dir / "training.json").write_text(json.dumps(second))
+    card = render(model_dir, None, "on a test machine")
+    assert card.startswith("# llada-tasks")
+    one, two = card.index("Stage 1:"), card.index("Stage 2 (continues")
+    assert one < two
+    assert "100 steps, 30.5 minutes on a test machine" in card[one:two]
+    assert "add 95.0%" in card[two:]
+    assert "2 stages, 40.5 minutes of training in all." in card
+    assert "Reproducible from the seed." in card
+
+
+def test_card_warns_that_compiled_bf16_training_is_not_bitwise_reproducible(tmp_path):
+    model_dir = tmp_path / "llada-tasks"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"mask_token_id": 2, "vocab_size": 128}))
+    stage = _stage("python -m vllm_dare.training.train llada /tmp/a --compile", 10, 1.0, 0.9)
+    (model_dir / "training.json").write_text(json.dumps(stage))
+    card = render(model_dir, None, "here")
+    assert "not bitwise reproducible" in card
+    assert "Reproducible from the seed." not in card
+    assert "minutes of training in all" not in card
+
+
+def test_packaged_command_points_at_the_packaged_folder(tmp_path):
+    command = ("python -m vllm_dare.training.train dream /x/out --init-from /x/prev "
+               "--task-weights {\"add\": 2}")
+    out = packaged_command(command, tmp_path / "dream-tasks")
+    assert "/x/" not in out
+    assert out.count("vllm_dare/models/dream-tasks") == 2
+    assert "--task-weights '{\"add\": 2}'" in out
