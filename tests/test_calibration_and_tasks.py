@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,6 +78,22 @@ def test_training_cli_with_bf16_autocast_and_compile_writes_a_loadable_model(tmp
     assert set(card["heldout_exact_accuracy_reference_fp32"]) == set(TASKS)
     model = load_reference_model(out)
     assert model.logits(torch.tensor([1, 2, 3])).shape[0] == 3
+
+
+def test_trained_dream_checkpoint_serves_with_its_evaluation_algorithm(tmp_path):
+    """A Dream run writes the generation_config the packaged dream-tasks ships:
+    maskgit_plus (what the card's accuracy is measured with), no fixed step count."""
+    from vllm_dare.default_model import packaged_model_path
+    from vllm_dare.training.train import main
+
+    out = tmp_path / "dream"
+    main(["dream", str(out), "--hidden-size", "32", "--layers", "1", "--heads", "2",
+          "--kv-heads", "1", "--intermediate-size", "64", "--batch", "4", "--steps", "2",
+          "--eval-every", "2", "--eval-n", "1", "--threads", "1"])
+    written = json.loads((out / "generation_config.json").read_text())
+    assert written["alg"] == "maskgit_plus" and "steps" not in written
+    shipped = Path(packaged_model_path("dream-tasks")) / "generation_config.json"
+    assert written == json.loads(shipped.read_text())
 
 
 def test_calibration_sweeps_and_writes_engine_config(engines, tiny_llada, tmp_path):

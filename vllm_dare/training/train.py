@@ -194,6 +194,14 @@ def save(workdir, args, size, weights, params, log, accuracy, start, final: bool
     """Write the checkpoint (bf16, official names) and its training card."""
     final_weights = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in weights.items()}
     write_checkpoint(workdir, args.family, size, weights=final_weights)
+    if args.family == "dream":
+        # Serve with the algorithm the model is evaluated with (the official file says
+        # "origin", steps 512; here steps default to the generation length).
+        gen_path = workdir / "generation_config.json"
+        gen = json.loads(gen_path.read_text())
+        gen["alg"] = "maskgit_plus"
+        gen.pop("steps", None)
+        gen_path.write_text(json.dumps(gen, indent=2) + "\n")
     card = {
         "family": args.family, "seed": args.seed, "steps": log[-1]["step"] if log else 0,
         "train_minutes": round((time.time() - start) / 60, 1), "size": size.__dict__,
