@@ -101,13 +101,11 @@ def render(model_dir: Path, harness: dict | None, machine_note: str) -> str:
         stages.insert(0, prev)
         prev = prev.get("continued_from")
     stages.append(card)
-    if any("--compile" in s["command"] or "--bf16-autocast" in s["command"] for s in stages):
-        lines[-1] += (
-            " Data and initialisation follow the seed, but the compiled bf16-autocast "
-            "training step is not bitwise reproducible: the same command can take a "
-            "different trajectory (docs/evaluation.md, Training time).")
-    else:
-        lines[-1] += " Reproducible from the seed."
+    lines[-1] += (
+        " Data order, masks and initialisation follow the seed, but the training "
+        "arithmetic is not bitwise reproducible on CPU (multi-threaded reductions; "
+        "more so with --compile / --bf16-autocast), so the same command can take a "
+        "different trajectory (docs/evaluation.md, Training time).")
     for i, stage in enumerate(stages):
         if len(stages) > 1:
             lines += ["", f"Stage {i + 1}" + (" (continues from the previous stage's "
