@@ -40,6 +40,18 @@ def test_card_lists_stages_in_order_with_total(tmp_path):
     assert "not bitwise reproducible" in card
 
 
+def test_one_thread_training_is_called_reproducible(tmp_path):
+    model_dir = tmp_path / "llada-tasks"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"mask_token_id": 2, "vocab_size": 128}))
+    stage = _stage("python -m vllm_dare.training.train llada /tmp/a --threads 1 --compile",
+                   10, 1.0, 0.9)
+    (model_dir / "training.json").write_text(json.dumps(stage))
+    card = render(model_dir, None, "here")
+    assert "Reproducible from the seed (one thread" in card
+    assert "not bitwise reproducible" not in card
+
+
 def test_single_stage_card_has_no_total(tmp_path):
     model_dir = tmp_path / "llada-tasks"
     model_dir.mkdir()

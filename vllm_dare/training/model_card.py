@@ -101,11 +101,14 @@ def render(model_dir: Path, harness: dict | None, machine_note: str) -> str:
         stages.insert(0, prev)
         prev = prev.get("continued_from")
     stages.append(card)
-    lines[-1] += (
-        " Data order, masks and initialisation follow the seed, but the training "
-        "arithmetic is not bitwise reproducible on CPU (multi-threaded reductions; "
-        "more so with --compile / --bf16-autocast), so the same command can take a "
-        "different trajectory (docs/evaluation.md, Training time).")
+    if all("--threads 1" in stage["command"] for stage in stages):
+        lines[-1] += " Reproducible from the seed (one thread: bitwise identical reruns)."
+    else:
+        lines[-1] += (
+            " Data order, masks and initialisation follow the seed, but with more than "
+            "one thread the training arithmetic is not bitwise reproducible on CPU, so "
+            "the same command can take a different trajectory; with `--threads 1` it is "
+            "(docs/evaluation.md, Training time).")
     for i, stage in enumerate(stages):
         if len(stages) > 1:
             lines += ["", f"Stage {i + 1}" + (" (continues from the previous stage's "
