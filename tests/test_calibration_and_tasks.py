@@ -87,9 +87,11 @@ def test_trained_dream_checkpoint_serves_with_its_evaluation_algorithm(tmp_path)
     from vllm_dare.training.train import main
 
     out = tmp_path / "dream"
+    # 20 steps: a warm-up of exactly one scheduler step used to divide by zero
     main(["dream", str(out), "--hidden-size", "32", "--layers", "1", "--heads", "2",
-          "--kv-heads", "1", "--intermediate-size", "64", "--batch", "4", "--steps", "2",
-          "--eval-every", "2", "--eval-n", "1", "--threads", "1"])
+          "--kv-heads", "1", "--intermediate-size", "64", "--batch", "4", "--steps", "20",
+          "--eval-every", "20", "--eval-n", "1", "--threads", "1"])
+    assert json.loads((out / "training.json").read_text())["steps"] == 20
     written = json.loads((out / "generation_config.json").read_text())
     assert written["alg"] == "maskgit_plus" and "steps" not in written
     shipped = Path(packaged_model_path("dream-tasks")) / "generation_config.json"

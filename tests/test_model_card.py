@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from vllm_dare.training.model_card import packaged_command, render
+from vllm_dare.training.model_card import packaged_command, render, training_threads
+from vllm_dare.training.train import DEFAULT_THREADS
 
 
 def _stage(command: str, steps: int, minutes: float, acc: float, previous=None) -> dict:
@@ -50,6 +51,15 @@ def test_one_thread_training_is_called_reproducible(tmp_path):
     card = render(model_dir, None, "here")
     assert "Reproducible from the seed (one thread" in card
     assert "not bitwise reproducible" not in card
+    stage["command"] = stage["command"].replace("--threads 1", "--threads 12")
+    (model_dir / "training.json").write_text(json.dumps(stage))
+    assert "not bitwise reproducible" in render(model_dir, None, "here")
+
+
+def test_training_threads_reads_the_recorded_command():
+    assert training_threads("python -m x llada /o --threads 12 --compile") == 12
+    assert training_threads("python -m x llada /o --threads 1") == 1
+    assert training_threads("python -m x llada /o --steps 5") == DEFAULT_THREADS
 
 
 def test_single_stage_card_has_no_total(tmp_path):

@@ -242,8 +242,11 @@ def write_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.bfloat16,
     weights: dict[str, torch.Tensor] | None = None,
+    generation_overrides: dict | None = None,
 ) -> Path:
-    """Write a checkpoint folder; ``weights`` (official names) default to random."""
+    """Write a checkpoint folder; ``weights`` (official names) default to random.
+    ``generation_overrides`` replace keys of the official ``generation_config.json``
+    (a value of ``None`` drops the key)."""
     if family not in SHARED_CONFIGS:
         raise ValueError(f"family must be 'llada' or 'dream', got {family!r}")
     path = Path(path)
@@ -251,9 +254,13 @@ def write_checkpoint(
     config = build_config(family, size)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (path / "generation_config.json").write_text(
-        json.dumps(build_generation_config(family), indent=2) + "\n"
-    )
+    generation = build_generation_config(family)
+    for key, value in (generation_overrides or {}).items():
+        if value is None:
+            generation.pop(key, None)
+        else:
+            generation[key] = value
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if weights is None:
         weights = random_weights(family, config, seed, dtype)
     expected = weight_shapes(family, config)

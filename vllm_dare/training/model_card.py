@@ -18,6 +18,7 @@ import shlex
 from pathlib import Path
 
 from vllm_dare.training.tasks import TASKS, held_out
+from vllm_dare.training.train import DEFAULT_THREADS
 
 DESCRIPTIONS = {
     "add": "3-digit addition with carries, the sum written with 4 digits",
@@ -43,6 +44,15 @@ def packaged_command(command: str, model_dir: Path) -> str:
     parts = command.split(" ")
     target = f"vllm_dare/models/{model_dir.name}"
     return " ".join(target if p.startswith("/") else p for p in parts)
+
+
+def training_threads(command: str) -> int:
+    """The ``--threads`` a recorded training command ran with."""
+    parts = command.split()
+    for i, part in enumerate(parts[:-1]):
+        if part == "--threads":
+            return int(parts[i + 1])
+    return DEFAULT_THREADS
 
 
 def render(model_dir: Path, harness: dict | None, machine_note: str) -> str:
@@ -101,7 +111,7 @@ def render(model_dir: Path, harness: dict | None, machine_note: str) -> str:
         stages.insert(0, prev)
         prev = prev.get("continued_from")
     stages.append(card)
-    if all("--threads 1" in stage["command"] for stage in stages):
+    if all(training_threads(stage["command"]) == 1 for stage in stages):
         lines[-1] += " Reproducible from the seed (one thread: bitwise identical reruns)."
     else:
         lines[-1] += (

@@ -148,7 +148,7 @@ def train(args) -> None:
     print(f"{args.family}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters")
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05
+        opt, max_lr=args.lr, total_steps=args.steps, pct_start=warmup_fraction(args.steps)
     )
     heldout = {task: held_out(task) for task in TASKS}
     exclude = {ex.question for exs in heldout.values() for ex in exs}
@@ -190,18 +190,27 @@ def train(args) -> None:
     print("final", json.dumps(accuracy))
 
 
+# The task models are served with the algorithm their accuracy is measured with: Dream's
+# official file says alg "origin" and steps 512; here steps default to the generation length.
+SERVING_GENERATION_OVERRIDES = {"dream": {"alg": "maskgit_plus", "steps": None}}
+
+# OneCycleLR's warm-up phase lasts WARMUP_FRACTION * steps - 1 scheduler steps and it
+# divides by that length, so it must not be exactly 0 (e.g. --steps 20).
+WARMUP_FRACTION = 0.05
+DEFAULT_THREADS = 2
+
+
+def warmup_fraction(steps: int) -> float:
+    if WARMUP_FRACTION * steps == 1:
+        return 2 / steps
+    return WARMUP_FRACTION
+
+
 def save(workdir, args, size, weights, params, log, accuracy, start, final: bool) -> None:
     """Write the checkpoint (bf16, official names) and its training card."""
     final_weights = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in weights.items()}
-    write_checkpoint(workdir, args.family, size, weights=final_weights)
-    if args.family == "dream":
-        # Serve with the algorithm the model is evaluated with (the official file says
-        # "origin", steps 512; here steps default to the generation length).
-        gen_path = workdir / "generation_config.json"
-        gen = json.loads(gen_path.read_text())
-        gen["alg"] = "maskgit_plus"
-        gen.pop("steps", None)
-        gen_path.write_text(json.dumps(gen, indent=2) + "\n")
+    write_checkpoint(workdir, args.family, size, weights=final_weights,
+                     generation_overrides=SERVING_GENERATION_OVERRIDES.get(args.family))
     card = {
         "family": args.family, "seed": args.seed, "steps": log[-1]["step"] if log else 0,
         "train_minutes": round((time.time() - start) / 60, 1), "size": size.__dict__,
@@ -242,7 +251,7 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-n", type=int, default=50)
     parser.add_argument("--target", type=float, default=0.97)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     parser.add_argument("--bf16-autocast", action="store_true",
                         help="train with bf16 matmuls (CPU autocast; fp32 master weights)")
     parser.add_argument("--compile", action="store_true",
