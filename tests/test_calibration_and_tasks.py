@@ -72,12 +72,43 @@ def test_training_cli_with_bf16_autocast_and_compile_writes_a_loadable_model(tmp
     out = tmp_path / "model"
     main(["llada", str(out), "--hidden-size", "32", "--layers", "1", "--heads", "2",
           "--intermediate-size", "64", "--batch", "8", "--steps", "4", "--eval-every", "4",
-          "--eval-n", "2", "--threads", "1", "--bf16-autocast", "--compile"])
+          "--eval-n", "2", "--final-eval-n", "3", "--threads", "1", "--bf16-autocast",
+          "--compile"])
     card = json.loads((out / "training.json").read_text())
     assert card["steps"] == 4 and "--compile" in card["command"]
+    assert card["accuracy_on"] == "the first 3 held-out examples per task"
+    assert card["deterministic_algorithms"] is True
     assert set(card["heldout_exact_accuracy_reference_fp32"]) == set(TASKS)
     model = load_reference_model(out)
     assert model.logits(torch.tensor([1, 2, 3])).shape[0] == 3
+
+
+def test_training_is_bitwise_reproducible_from_a_seed_with_two_threads(tmp_path):
+    """Two runs of one command write byte-identical weights, with 2 threads (the
+    default): the CPU embedding backward adds with atomics unless PyTorch's
+    deterministic algorithms are on. The run leaves the caller's torch settings alone."""
+    from vllm_dare.training.train import main
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    written = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        main(["llada", str(out), "--hidden-size", "64", "--layers", "2", "--heads", "2",
+              "--intermediate-size", "128", "--batch", "64", "--steps", "60", "--lr", "1e-2",
+              "--eval-every", "60", "--eval-n", "1", "--final-eval-n", "2", "--threads", "2",
+              "--seed", "3"])
+        written.append((out / "model.safetensors").read_bytes())
+        assert torch.get_num_threads() == threads
+        assert torch.are_deterministic_algorithms_enabled() == deterministic
+    assert written[0] == written[1]
+
+
+def test_training_cli_rejects_an_empty_final_evaluation(capsys):
+    from vllm_dare.training.train import main
+
+    with pytest.raises(SystemExit):
+        main(["llada", "unused", "--final-eval-n", "0"])
+    assert "--final-eval-n must be at least 1" in capsys.readouterr().err
 
 
 def test_trained_dream_checkpoint_serves_with_its_evaluation_algorithm(tmp_path):
@@ -90,7 +121,7 @@ def test_trained_dream_checkpoint_serves_with_its_evaluation_algorithm(tmp_path)
     # 20 steps: a warm-up of exactly one scheduler step used to divide by zero
     main(["dream", str(out), "--hidden-size", "32", "--layers", "1", "--heads", "2",
           "--kv-heads", "1", "--intermediate-size", "64", "--batch", "4", "--steps", "20",
-          "--eval-every", "20", "--eval-n", "1", "--threads", "1"])
+          "--eval-every", "20", "--eval-n", "1", "--final-eval-n", "3", "--threads", "1"])
     assert json.loads((out / "training.json").read_text())["steps"] == 20
     written = json.loads((out / "generation_config.json").read_text())
     assert written["alg"] == "maskgit_plus" and "steps" not in written

@@ -56,6 +56,27 @@ def test_one_thread_training_is_called_reproducible(tmp_path):
     assert "not bitwise reproducible" in render(model_dir, None, "here")
 
 
+def test_deterministic_training_is_called_bitwise_reproducible_with_any_threads(tmp_path):
+    model_dir = tmp_path / "llada-tasks"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"mask_token_id": 2, "vocab_size": 128}))
+    first = _stage("python -m vllm_dare.training.train llada /tmp/a --threads 2", 10, 1.0, 0.5)
+    second = _stage("python -m vllm_dare.training.train llada /tmp/b --init-from /tmp/a",
+                    10, 1.0, 0.9, previous=first)
+    second["deterministic_algorithms"] = True
+    second["accuracy_on"] = "the first 7 held-out examples per task"
+    (model_dir / "training.json").write_text(json.dumps(second))
+    # A stage trained before deterministic mode (no record) makes the whole card not so.
+    card = render(model_dir, None, "here")
+    assert "not bitwise reproducible" in card and "Bitwise reproducible" not in card
+    first["deterministic_algorithms"] = True
+    (model_dir / "training.json").write_text(json.dumps(second))
+    card = render(model_dir, None, "here")
+    assert "Bitwise reproducible from the seed" in card
+    assert "not bitwise reproducible" not in card
+    assert "the first 7 held-out examples per task" in card
+
+
 def test_training_threads_reads_the_recorded_command():
     assert training_threads("python -m x llada /o --threads 12 --compile") == 12
     assert training_threads("python -m x llada /o --threads 1") == 1

@@ -111,7 +111,12 @@ def render(model_dir: Path, harness: dict | None, machine_note: str) -> str:
         stages.insert(0, prev)
         prev = prev.get("continued_from")
     stages.append(card)
-    if all(training_threads(stage["command"]) == 1 for stage in stages):
+    if all(stage.get("deterministic_algorithms") for stage in stages):
+        lines[-1] += (
+            " Bitwise reproducible from the seed: PyTorch's deterministic algorithms are "
+            "on, so a rerun with the same command and `--threads` on the same kind of CPU "
+            "writes identical weights (docs/evaluation.md, Training time).")
+    elif all(training_threads(stage["command"]) == 1 for stage in stages):
         lines[-1] += " Reproducible from the seed (one thread: bitwise identical reruns)."
     else:
         lines[-1] += (
@@ -147,7 +152,7 @@ def render(model_dir: Path, harness: dict | None, machine_note: str) -> str:
     lines += [header, "|---" * (len(TASKS) + 1) + "|"]
     lines.append(
         f"| pure-PyTorch reference on the fp32 training weights ({card['decoding']}; "
-        "all 200 held-out examples per task) | "
+        f"{card.get('accuracy_on', 'the full held-out split')}) | "
         + " | ".join(f"{100 * ref[t]:.1f}%" for t in TASKS) + " |"
     )
     if harness is not None:

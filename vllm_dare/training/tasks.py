@@ -74,7 +74,10 @@ def make_example(task: str, rng: random.Random) -> Example:
     raise ValueError(f"unknown task {task!r}")
 
 
-def held_out(task: str, n: int = 200, seed: int = 1234) -> list[Example]:
+HELD_OUT_PER_TASK = 200
+
+
+def held_out(task: str, n: int = HELD_OUT_PER_TASK, seed: int = 1234) -> list[Example]:
     """The evaluation split: n distinct examples of ``task``."""
     rng = random.Random(f"{seed}-{task}-heldout")
     seen: dict[str, Example] = {}
