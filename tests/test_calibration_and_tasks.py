@@ -103,12 +103,13 @@ def test_training_is_bitwise_reproducible_from_a_seed_with_two_threads(tmp_path)
     assert written[0] == written[1]
 
 
-def test_training_cli_rejects_an_empty_final_evaluation(capsys):
+@pytest.mark.parametrize("flag", ["--final-eval-n", "--threads"])
+def test_training_cli_rejects_a_count_below_one(flag, capsys):
     from vllm_dare.training.train import main
 
     with pytest.raises(SystemExit):
-        main(["llada", "unused", "--final-eval-n", "0"])
-    assert "--final-eval-n must be at least 1" in capsys.readouterr().err
+        main(["llada", "unused", flag, "0"])
+    assert f"{flag} must be at least 1" in capsys.readouterr().err
 
 
 def test_trained_dream_checkpoint_serves_with_its_evaluation_algorithm(tmp_path):

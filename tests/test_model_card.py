@@ -56,7 +56,7 @@ def test_one_thread_training_is_called_reproducible(tmp_path):
     assert "not bitwise reproducible" in render(model_dir, None, "here")
 
 
-def test_deterministic_training_is_called_bitwise_reproducible_with_any_threads(tmp_path):
+def test_deterministic_training_is_called_bitwise_reproducible(tmp_path):
     model_dir = tmp_path / "llada-tasks"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps({"mask_token_id": 2, "vocab_size": 128}))
@@ -80,6 +80,7 @@ def test_deterministic_training_is_called_bitwise_reproducible_with_any_threads(
 def test_training_threads_reads_the_recorded_command():
     assert training_threads("python -m x llada /o --threads 12 --compile") == 12
     assert training_threads("python -m x llada /o --threads 1") == 1
+    assert training_threads("python -m x llada /o --threads=3 --task-weights '{\"a\": 1}'") == 3
     assert training_threads("python -m x llada /o --steps 5") == DEFAULT_THREADS
 
 

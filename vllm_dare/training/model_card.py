@@ -17,7 +17,7 @@ import re
 import shlex
 from pathlib import Path
 
-from vllm_dare.training.tasks import TASKS, held_out
+from vllm_dare.training.tasks import TASKS, held_out, held_out_scope
 from vllm_dare.training.train import DEFAULT_THREADS
 
 DESCRIPTIONS = {
@@ -25,13 +25,6 @@ DESCRIPTIONS = {
     "sort": "sort a list of 8 digits",
     "words": "spell a number 0-999 in English words (answers up to 27 characters)",
 }
-
-
-def _held_out_share(n: int) -> str:
-    total = min(len(held_out(t)) for t in TASKS)
-    if n >= total:
-        return f"all {total} held-out examples per task"
-    return f"first {n} held-out examples per task"
 
 
 def packaged_command(command: str, model_dir: Path) -> str:
@@ -48,9 +41,11 @@ def packaged_command(command: str, model_dir: Path) -> str:
 
 def training_threads(command: str) -> int:
     """The ``--threads`` a recorded training command ran with."""
-    parts = command.split()
-    for i, part in enumerate(parts[:-1]):
-        if part == "--threads":
+    parts = shlex.split(command)
+    for i, part in enumerate(parts):
+        if part.startswith("--threads="):
+            return int(part.split("=", 1)[1])
+        if part == "--threads" and i + 1 < len(parts):
             return int(parts[i + 1])
     return DEFAULT_THREADS
 
@@ -164,7 +159,7 @@ def render(model_dir: Path, harness: dict | None, machine_note: str) -> str:
                f"{s['hardware']}), steps = generation length"
                + (f", block {blk}" if blk else "")
                + (f", alg {s['dream_alg']}" if s.get("dream_alg") else "")
-               + "; " + _held_out_share(min(v["requests"] for v in s["tasks"].values())))
+               + "; " + held_out_scope(min(v["requests"] for v in s["tasks"].values())))
         lines.append(
             f"| {how} | "
             + " | ".join(f"{100 * exact['tasks'][t]['accuracy']:.1f}%" for t in TASKS) + " |"

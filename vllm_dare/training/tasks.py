@@ -77,6 +77,13 @@ def make_example(task: str, rng: random.Random) -> Example:
 HELD_OUT_PER_TASK = 200
 
 
+def held_out_scope(n: int) -> str:
+    """How much of the held-out split the first ``n`` examples per task are."""
+    if n >= HELD_OUT_PER_TASK:
+        return f"all {HELD_OUT_PER_TASK} held-out examples per task"
+    return f"the first {n} held-out examples per task"
+
+
 def held_out(task: str, n: int = HELD_OUT_PER_TASK, seed: int = 1234) -> list[Example]:
     """The evaluation split: n distinct examples of ``task``."""
     rng = random.Random(f"{seed}-{task}-heldout")

@@ -37,7 +37,7 @@ from vllm_dare.tools.tiny_checkpoint import (
     write_tokenizer,
 )
 from vllm_dare.training.tasks import (
-    HELD_OUT_PER_TASK, TASKS, Example, held_out, is_correct, make_example,
+    HELD_OUT_PER_TASK, TASKS, Example, held_out, held_out_scope, is_correct, make_example,
 )
 
 
@@ -236,12 +236,6 @@ def warmup_fraction(steps: int) -> float:
     return WARMUP_FRACTION
 
 
-def final_accuracy_scope(final_eval_n: int) -> str:
-    if final_eval_n >= HELD_OUT_PER_TASK:
-        return f"the full held-out split ({HELD_OUT_PER_TASK} per task)"
-    return f"the first {final_eval_n} held-out examples per task"
-
-
 def save(workdir, args, size, weights, params, log, accuracy, start, final: bool) -> None:
     """Write the checkpoint (bf16, official names) and its training card."""
     final_weights = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in weights.items()}
@@ -252,7 +246,7 @@ def save(workdir, args, size, weights, params, log, accuracy, start, final: bool
         "train_minutes": round((time.time() - start) / 60, 1), "size": size.__dict__,
         "parameters": sum(p.numel() for p in params),
         "heldout_exact_accuracy_reference_fp32": accuracy,
-        "accuracy_on": final_accuracy_scope(args.final_eval_n) if final
+        "accuracy_on": held_out_scope(args.final_eval_n) if final
         else f"the first {args.eval_n} held-out examples per task (training in progress)",
         "decoding": "greedy; LLaDA low_confidence, steps = gen_length, block 8; "
                     "Dream maskgit_plus, steps = gen_length",
@@ -303,6 +297,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.final_eval_n < 1:
         parser.error("--final-eval-n must be at least 1")
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
     args.argv = ["python -m vllm_dare.training.train"] + (argv or sys.argv[1:])
     train(args)
 
