@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 from argparse import Namespace
 from pathlib import Path
 
@@ -70,12 +71,16 @@ def test_training_cli_with_bf16_autocast_and_compile_writes_a_loadable_model(tmp
     from vllm_dare.training.train import main
 
     out = tmp_path / "model"
-    main(["llada", str(out), "--hidden-size", "32", "--layers", "1", "--heads", "2",
-          "--intermediate-size", "64", "--batch", "8", "--steps", "4", "--eval-every", "4",
-          "--eval-n", "2", "--final-eval-n", "3", "--threads", "1", "--bf16-autocast",
-          "--compile"])
+    argv = ["llada", str(out), "--hidden-size", "32", "--layers", "1", "--heads", "2",
+            "--intermediate-size", "64", "--batch", "8", "--steps", "4", "--eval-every", "4",
+            "--eval-n", "2", "--final-eval-n", "3", "--threads", "1", "--bf16-autocast",
+            "--compile", "--task-weights", '{"add": 2, "sort": 1.5}']
+    main(argv)
     card = json.loads((out / "training.json").read_text())
-    assert card["steps"] == 4 and "--compile" in card["command"]
+    assert card["steps"] == 4
+    # The recorded command is the one a shell reruns: the module call, then the
+    # arguments with the JSON one quoted.
+    assert shlex.split(card["command"]) == ["python", "-m", "vllm_dare.training.train", *argv]
     assert card["accuracy_on"] == "the first 3 held-out examples per task"
     assert card["deterministic_algorithms"] is True
     assert set(card["heldout_exact_accuracy_reference_fp32"]) == set(TASKS)

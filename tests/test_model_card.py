@@ -4,6 +4,9 @@ with its command rewritten to the packaged folder, and the total training time."
 from __future__ import annotations
 
 import json
+import shlex
+
+import pytest
 
 from vllm_dare.training.model_card import packaged_command, render, training_threads
 from vllm_dare.training.train import DEFAULT_THREADS
@@ -102,3 +105,15 @@ def test_packaged_command_points_at_the_packaged_folder(tmp_path):
     assert "/x/" not in out
     assert out.count("vllm_dare/models/dream-tasks") == 2
     assert "--task-weights '{\"add\": 2}'" in out
+
+
+@pytest.mark.parametrize("command", [
+    # as train.py records it now, and as it recorded it before
+    "python -m vllm_dare.training.train dream /x/out --task-weights '{\"add\": 2}' --steps 4",
+    "'python -m vllm_dare.training.train' dream /x/out --task-weights '{\"add\": 2}' --steps 4",
+])
+def test_packaged_command_is_a_shell_command(tmp_path, command):
+    out = packaged_command(command, tmp_path / "dream-tasks")
+    assert shlex.split(out) == ["python", "-m", "vllm_dare.training.train", "dream",
+                                "vllm_dare/models/dream-tasks", "--task-weights",
+                                '{"add": 2}', "--steps", "4"]

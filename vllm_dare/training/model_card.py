@@ -32,6 +32,7 @@ def packaged_command(command: str, model_dir: Path) -> str:
     packaged one and JSON arguments are quoted for the shell."""
     command = re.sub(r"--task-weights (\{[^}]*\})", lambda m: "--task-weights " + shlex.quote(
         m.group(1)), command)
+    # Older records quoted the module call as one word: 'python -m ...'.
     command = command.replace("'python -m vllm_dare.training.train'",
                               "python -m vllm_dare.training.train")
     parts = command.split(" ")

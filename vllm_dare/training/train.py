@@ -228,6 +228,7 @@ SERVING_GENERATION_OVERRIDES = {"dream": {"alg": "maskgit_plus", "steps": None}}
 # divides by that length, so it must not be exactly 0 (e.g. --steps 20).
 WARMUP_FRACTION = 0.05
 DEFAULT_THREADS = 2
+TRAIN_COMMAND = "python -m vllm_dare.training.train"
 
 
 def warmup_fraction(steps: int) -> float:
@@ -253,7 +254,7 @@ def save(workdir, args, size, weights, params, log, accuracy, start, final: bool
         "gen_length": {t: s.gen_length for t, s in TASKS.items()},
         "task_weights": args.task_weights,
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-        "log": log, "command": shlex.join(args.argv),
+        "log": log, "command": TRAIN_COMMAND + " " + shlex.join(args.argv),
     }
     if args.init_from:
         prev = json.loads((Path(args.init_from) / "training.json").read_text())
@@ -299,7 +300,7 @@ def main(argv=None) -> None:
         parser.error("--final-eval-n must be at least 1")
     if args.threads < 1:
         parser.error("--threads must be at least 1")
-    args.argv = ["python -m vllm_dare.training.train"] + (argv or sys.argv[1:])
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     train(args)
 
 
