@@ -108,13 +108,32 @@ def test_training_is_bitwise_reproducible_from_a_seed_with_two_threads(tmp_path)
     assert written[0] == written[1]
 
 
-@pytest.mark.parametrize("flag", ["--final-eval-n", "--threads"])
-def test_training_cli_rejects_a_count_below_one(flag, capsys):
+@pytest.mark.parametrize("flag", ["--steps", "--batch", "--eval-every", "--eval-n",
+                                  "--final-eval-n", "--threads", "--hidden-size"])
+def test_training_cli_rejects_a_count_below_one(flag, capsys, tmp_path):
     from vllm_dare.training.train import main
 
     with pytest.raises(SystemExit):
-        main(["llada", "unused", flag, "0"])
-    assert f"{flag} must be at least 1" in capsys.readouterr().err
+        main(["llada", str(tmp_path / "out"), flag, "0"])
+    assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("weights,message", [
+    ('{"ad": 2}', "unknown task(s) ad; tasks are add, sort, words"),
+    ('{"add": 0}', "the weight of add must be a positive number, got 0"),
+    ('{"add": "2"}', "the weight of add must be a positive number, got '2'"),
+    ("[2, 1]", "must be a JSON object"),
+    ("{add: 2}", "not JSON"),
+])
+def test_training_cli_rejects_bad_task_weights(weights, message, capsys, tmp_path):
+    from vllm_dare.training.train import main
+
+    with pytest.raises(SystemExit):
+        main(["llada", str(tmp_path / "out"), "--task-weights", weights])
+    err = capsys.readouterr().err
+    assert "argument --task-weights:" in err and message in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_trained_dream_checkpoint_serves_with_its_evaluation_algorithm(tmp_path):

@@ -17,7 +17,7 @@ import re
 import shlex
 from pathlib import Path
 
-from vllm_dare.training.tasks import TASKS, held_out, held_out_scope
+from vllm_dare.training.tasks import HELD_OUT_PER_TASK, TASKS, held_out, held_out_scope
 from vllm_dare.training.train import DEFAULT_THREADS
 
 DESCRIPTIONS = {
@@ -91,8 +91,8 @@ def render(model_dir: Path, harness: dict | None, machine_note: str) -> str:
                      f"{spec.gen_length} |")
     lines += [
         "",
-        "The held-out split (`vllm_dare.training.tasks.held_out`, 200 examples per task, "
-        "its own seed) is never drawn for training.",
+        f"The held-out split (`vllm_dare.training.tasks.held_out`, {HELD_OUT_PER_TASK} "
+        "examples per task, its own seed) is never drawn for training.",
         "",
         "## Training",
         "",

@@ -264,6 +264,34 @@ def save(workdir, args, size, weights, params, log, accuracy, start, final: bool
     (workdir / "training.json").write_text(json.dumps(card, indent=2) + "\n")
 
 
+def count(text: str) -> int:
+    """argparse type of every size, step and example count: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def task_weights(text: str) -> dict[str, float]:
+    """argparse type of --task-weights: a JSON object from task names to positive
+    sampling weights (tasks left out weigh 1)."""
+    try:
+        weights = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    if not isinstance(weights, dict):
+        raise argparse.ArgumentTypeError('must be a JSON object, e.g. \'{"add": 2}\'')
+    unknown = sorted(set(weights) - set(TASKS))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown task(s) {', '.join(unknown)}; tasks are {', '.join(TASKS)}")
+    for task, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            raise argparse.ArgumentTypeError(
+                f"the weight of {task} must be a positive number, got {weight!r}")
+    return weights
+
+
 def main(argv=None) -> None:
     import sys
 
@@ -271,35 +299,31 @@ def main(argv=None) -> None:
     parser.add_argument("family", choices=["llada", "dream"])
     parser.add_argument("out")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--steps", type=count, default=6000)
     parser.add_argument("--min-steps", type=int, default=0)
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batch", type=count, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--hidden-size", type=int, default=192)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=6)
-    parser.add_argument("--kv-heads", type=int, default=None)
-    parser.add_argument("--intermediate-size", type=int, default=512)
-    parser.add_argument("--eval-every", type=int, default=500)
-    parser.add_argument("--eval-n", type=int, default=50)
+    parser.add_argument("--hidden-size", type=count, default=192)
+    parser.add_argument("--layers", type=count, default=4)
+    parser.add_argument("--heads", type=count, default=6)
+    parser.add_argument("--kv-heads", type=count, default=None)
+    parser.add_argument("--intermediate-size", type=count, default=512)
+    parser.add_argument("--eval-every", type=count, default=500)
+    parser.add_argument("--eval-n", type=count, default=50)
     parser.add_argument("--target", type=float, default=0.97)
-    parser.add_argument("--final-eval-n", type=int, default=HELD_OUT_PER_TASK,
+    parser.add_argument("--final-eval-n", type=count, default=HELD_OUT_PER_TASK,
                         help="held-out examples per task for the final accuracy in the "
                              f"model card (default: the whole split, {HELD_OUT_PER_TASK})")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
+    parser.add_argument("--threads", type=count, default=DEFAULT_THREADS)
     parser.add_argument("--bf16-autocast", action="store_true",
                         help="train with bf16 matmuls (CPU autocast; fp32 master weights)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the training forward (needs a C++ compiler)")
     parser.add_argument("--init-from", default=None,
                         help="checkpoint folder written by this script to continue from")
-    parser.add_argument("--task-weights", type=json.loads, default={},
+    parser.add_argument("--task-weights", type=task_weights, default={},
                         help='sampling weight per task, e.g. \'{"add": 3}\' (default 1 each)')
     args = parser.parse_args(argv)
-    if args.final_eval_n < 1:
-        parser.error("--final-eval-n must be at least 1")
-    if args.threads < 1:
-        parser.error("--threads must be at least 1")
     args.argv = list(argv if argv is not None else sys.argv[1:])
     train(args)
 
