@@ -70,15 +70,9 @@ class _EnginePool:
             self.close()
             from vllm import LLM
 
-            self.llm = LLM(
-                model=str(path),
-                dtype="float32",
-                enforce_eager=True,
-                max_model_len=MAX_MODEL_LEN,
-                max_num_seqs=8,
-                seed=0,
-                **kwargs,
-            )
+            settings = dict(dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN,
+                            max_num_seqs=8, seed=0)
+            self.llm = LLM(model=str(path), **{**settings, **kwargs})
             self.key = key
         return self.llm
 

@@ -16,6 +16,11 @@ makes the engine follow the reference:
   sequence would not be the reference forward); those that do not fit the token
   budget wait for the next step, ahead of the others.
 * A request's canvas is exactly ``max_tokens`` wide.
+* KV-cache blocks: a request starts only when the blocks of its whole sequence
+  are free (a guided request: those of its twin too), running requests keep
+  theirs reserved, and a pair is preempted whole (see ``schedule``). A guided
+  request whose pair cannot fit in the whole KV cache is failed like an
+  over-long one.
 * Classifier-free guidance (LLaDA ``dllm_cfg_scale > 0``): the reference runs a
   second forward per step with the prompt replaced by [MASK]. The scheduler adds
   an internal *twin* request with that prompt, schedules owner and twin together,
@@ -29,9 +34,11 @@ makes the engine follow the reference:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 from vllm.logger import init_logger
+from vllm.utils.math_utils import cdiv
 from vllm.v1.core.sched.diffusion_scheduler import DiffusionScheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.outputs import DraftTokenIds
@@ -69,7 +76,8 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
         super().__init__(*args, **kwargs)
         hf_config = self.vllm_config.model_config.hf_config
         self._defaults = DenoisingDefaults.decode(hf_config.denoising_defaults)
-        self._too_long: set[str] = set()
+        # Requests that can never be served, failed at the next schedule().
+        self._unservable: set[str] = set()
         self._rejected: list[Request] = []
         # owner request id -> its unconditional twin's id
         self._twins: dict[str, str] = {}
@@ -78,25 +86,40 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
 
     def add_request(self, request: Request) -> None:
         super().add_request(request)
-        if _sequence_length(request) > self.max_model_len:
-            logger.error(
-                "Request %s: prompt (%d tokens) + max_tokens (%d) exceeds "
-                "max_model_len=%d; a diffusion model denoises all max_tokens "
-                "positions at once, so the request is rejected.",
-                request.request_id,
-                request.num_prompt_tokens,
-                request.max_tokens,
-                self.max_model_len,
-            )
-            self._too_long.add(request.request_id)
-            return
         params = request.sampling_params
+        guided = False
         if params is not None and not is_cfg_twin(request.request_id):
             resolved = resolve_params(params.extra_args, params.max_tokens, self._defaults)
-            if resolved.cfg_scale > 0:
-                twin = self._make_cfg_twin(request)
-                super().add_request(twin)
-                self._twins[request.request_id] = twin.request_id
+            guided = resolved.cfg_scale > 0
+        reason = self._unservable_reason(request, guided)
+        if reason is not None:
+            logger.error("Request %s: %s, so the request is rejected.",
+                         request.request_id, reason)
+            self._unservable.add(request.request_id)
+            return
+        if guided:
+            twin = self._make_cfg_twin(request)
+            super().add_request(twin)
+            self._twins[request.request_id] = twin.request_id
+
+    def _unservable_reason(self, request: Request, guided: bool) -> str | None:
+        length = _sequence_length(request)
+        if length > self.max_model_len:
+            return (
+                f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
+                f"({request.max_tokens}) exceeds max_model_len={self.max_model_len}; a "
+                "diffusion model denoises all max_tokens positions at once"
+            )
+        sequences = 2 if guided else 1
+        needed = sequences * self._blocks_for(length)
+        usable = self.kv_cache_manager.block_pool.num_gpu_blocks - 1  # less the null block
+        if needed > usable:
+            what = (f"with classifier-free guidance its {length} tokens run twice (the "
+                    "request and its unconditional twin, at the same time)" if guided
+                    else f"its {length} tokens")
+            return (f"{what} need {needed} KV-cache blocks of {self.block_size} tokens "
+                    f"and the KV cache has {usable}")
+        return None
 
     def _make_cfg_twin(self, request: Request) -> Request:
         params = request.sampling_params.clone()
@@ -123,44 +146,130 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
             pairs[twin] = owner
         return pairs
 
+    def _blocks_for(self, num_tokens: int) -> int:
+        """KV-cache blocks that hold ``num_tokens`` slots (the served models have
+        one full-attention KV-cache group)."""
+        return cdiv(num_tokens + self.num_lookahead_tokens, self.block_size)
+
+    def _blocks_held(self, request: Request) -> int:
+        return len(self.kv_cache_manager.get_block_ids(request.request_id)[0])
+
+    def _blocks_to_finish(self, group: list[Request]) -> int:
+        """New blocks the group needs to hold its whole sequences."""
+        return sum(self._blocks_for(_sequence_length(m)) - self._blocks_held(m) for m in group)
+
+    def _groups(self, requests: Iterable[Request], partners: dict[str, str]) -> list[list[Request]]:
+        """``requests`` in order, a guided request and its twin as one group when
+        both are among them."""
+        requests = list(requests)
+        present = {r.request_id: r for r in requests}
+        groups, seen = [], set()
+        for request in requests:
+            if request.request_id in seen:
+                continue
+            group = [request]
+            partner = present.get(partners.get(request.request_id, ""))
+            if partner is not None:
+                group.append(partner)
+            seen.update(m.request_id for m in group)
+            groups.append(group)
+        return groups
+
+    def _preempt(self, requests: list[Request], timestamp: float) -> int:
+        """Preempt running requests (taken out of ``self.running`` first); returns
+        the blocks freed."""
+        freed = 0
+        for request in requests:
+            freed += self._blocks_held(request)
+            self.running.remove(request)
+            self._preempt_request(request, timestamp)
+        return freed
+
     def schedule(self, *args, **kwargs):
-        # Fail over-long requests before they take KV blocks; their outputs are
-        # sent from update_from_output.
-        if self._too_long:
-            ids = [r for r in self._too_long if r in self.requests]
-            self._too_long.clear()
+        """Decide, before vLLM's scheduler runs, which running requests go in this
+        step and which waiting ones may start, so that a request is always run
+        whole and a guided request never runs without its twin:
+
+        1. a running member of a guided pair whose partner is not running is
+           preempted (it cannot step alone; its blocks go back to the pool);
+        2. running groups (a pair counts as one), in order, reserve the blocks of
+           their whole sequences; when they do not fit, whole groups are preempted
+           from the end of the queue (the lowest priority), the group itself last.
+           A group whose tokens do not fit this step's budget waits for the next
+           step, ahead of the others;
+        3. waiting groups start only when the blocks of their whole sequences, the
+           tokens of their prompts and a request slot per member are left; the
+           first that does not fit and all after it wait (first come, first
+           served). vLLM would otherwise start a request on the blocks of its
+           prompt alone and preempt it, or another, one step later.
+        """
+        if self._unservable:
+            ids = [r for r in self._unservable if r in self.requests]
+            self._unservable.clear()
             self._rejected += self.finish_requests(ids, RequestStatus.FINISHED_ERROR)
 
-        budget = self.max_num_scheduled_tokens
+        timestamp = time.monotonic()
         partners = self._partners()
         running_ids = {r.request_id for r in self.running}
-        decided: dict[str, bool] = {}
+        lone = [r for r in self.running
+                if r.request_id in partners and partners[r.request_id] not in running_ids]
+        self._preempt(lone, timestamp)
+
+        budget = self.max_num_scheduled_tokens
+        free = self.kv_cache_manager.block_pool.get_num_free_blocks()
+        groups = self._groups(self.running, partners)
         kept: list[Request] = []
         deferred: list[Request] = []
-        for request in self.running:
-            rid = request.request_id
-            if rid not in decided:
-                group = [request]
-                partner_id = partners.get(rid)
-                if partner_id in running_ids:
-                    group.append(self.requests[partner_id])
-                need = 0
-                for member in group:
-                    if _is_denoising(member):
-                        member.num_computed_tokens = 0
-                        need += member.num_prompt_tokens + len(member.spec_token_ids)
-                fits = need <= budget
-                if fits:
-                    budget -= need
-                for member in group:
-                    decided[member.request_id] = fits
-            (kept if decided[rid] else deferred).append(request)
+        i = 0
+        while i < len(groups):
+            group = groups[i]
+            need_blocks = self._blocks_to_finish(group)
+            while need_blocks > free and len(groups) > i + 1:
+                free += self._preempt(groups.pop(), timestamp)
+            if need_blocks > free:
+                self._preempt(group, timestamp)
+                groups.pop(i)
+                continue
+            free -= need_blocks
+            need_tokens = 0
+            for member in group:
+                if _is_denoising(member):
+                    member.num_computed_tokens = 0
+                    need_tokens += member.num_prompt_tokens + len(member.spec_token_ids)
+            if need_tokens <= budget:
+                budget -= need_tokens
+                kept.extend(group)
+            else:
+                deferred.extend(group)
+            i += 1
+
+        slots = (self.max_num_running_reqs - len(kept) - len(deferred)
+                 - self.num_waiting_for_streaming_input)
+        held_back: list[Request] = []
+        for group in self._groups(self.waiting, partners):
+            if not held_back:
+                need_tokens = sum(m.num_prompt_tokens - m.num_computed_tokens for m in group)
+                need_blocks = self._blocks_to_finish(group)
+                # A single request may start on part of the budget (chunked
+                # prefill); a pair must start both prompts in the same step.
+                tokens_fit = need_tokens <= budget or (len(group) == 1 and budget > 0)
+                if tokens_fit and need_blocks <= free and len(group) <= slots:
+                    budget -= min(need_tokens, budget)
+                    free -= need_blocks
+                    slots -= len(group)
+                    continue
+            held_back.extend(group)
+        if held_back:
+            self.waiting.remove_requests(held_back)
+
         self.running = kept
         try:
             return super().schedule(*args, **kwargs)
         finally:
-            # Deferred requests go first next step.
+            # Deferred requests go first next step; held-back ones keep their order.
             self.running = deferred + self.running
+            for request in held_back:
+                self.waiting.add_request(request)
 
     # ------------------------------------------------------------------ finishing
 

@@ -1,0 +1,159 @@
+"""Scheduling when the KV cache cannot hold every request at once.
+
+A denoising request needs the KV-cache blocks of its whole sequence (prompt +
+canvas) from its second forward on, and a guided request needs them twice (it
+runs with an unconditional twin). The engine here has 5 usable blocks of 32 tokens
+(160 token slots) and gets more than that at once: requests must wait for blocks
+rather than start on their prompt's blocks and be preempted a step later, pairs
+must run together, a pair that can never fit must be rejected instead of hanging
+the engine, and none of this may change a token.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from vllm import SamplingParams
+
+from vllm_dare.core.whole_sequence_scheduler import is_cfg_twin
+from vllm_dare.reference import llada_generate, load_reference_model
+
+PROMPTS = ["hello world", "12+34=", "a much longer prompt that spans several dozen tokens", "x",
+           "another prompt here"]
+GEN, STEPS, BLOCK = 32, 16, 8
+USABLE_BLOCKS = 5  # num_gpu_blocks_override 6, less vLLM's null block
+MAX_ENGINE_STEPS = 400
+
+
+@pytest.fixture(scope="module")
+def small_kv_engine(engines, tiny_llada):
+    def get():
+        return engines.get(
+            tiny_llada, attention_backend="dare",
+            additional_config={"dare": {"mode": "kv+o", "tau_kv": 0.05, "tau_o": 0.05}},
+            block_size=32, num_gpu_blocks_override=USABLE_BLOCKS + 1, max_model_len=128,
+            disable_log_stats=False,
+        )
+    return get
+
+
+def _params(**extra):
+    return SamplingParams(max_tokens=GEN, ignore_eos=True,
+                          extra_args={"dllm_steps": STEPS, "dllm_block_length": BLOCK, **extra})
+
+
+def _preemptions(llm) -> int:
+    return next(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+
+
+def _run_engine(llm, requests, abort_after=None):
+    """Add ``(prompt_ids, params)`` requests and step the engine until they finish,
+    at most MAX_ENGINE_STEPS steps (so that a livelock fails instead of hanging).
+    ``abort_after=(k, n)`` aborts request k after n steps. Returns the final
+    outputs by request index."""
+    engine = llm.llm_engine
+    ids = [f"req-{k}-{time.monotonic_ns()}" for k in range(len(requests))]
+    for rid, (prompt, params) in zip(ids, requests):
+        engine.add_request(rid, {"prompt_token_ids": prompt}, params)
+    index = {rid: k for k, rid in enumerate(ids)}
+    done = {}
+    for step in range(MAX_ENGINE_STEPS):
+        if abort_after is not None and step == abort_after[1]:
+            engine.abort_request([ids[abort_after[0]]])
+            done[abort_after[0]] = None
+        for out in engine.step():
+            if out.finished:
+                done[index[out.request_id]] = out
+        if len(done) == len(requests):
+            return done
+    pytest.fail(f"requests still unfinished after {MAX_ENGINE_STEPS} engine steps: "
+                f"{sorted(set(range(len(requests))) - set(done))}")
+
+
+def test_requests_wait_for_blocks_and_match_the_reference(small_kv_engine, tiny_llada):
+    """Five requests need 11 blocks in all. Each starts only when its whole sequence
+    fits, so nothing is preempted, and every output is the reference's."""
+    llm = small_kv_engine()
+    ref = load_reference_model(tiny_llada)
+    ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
+    before = _preemptions(llm)
+    outs = _run_engine(llm, [(i, _params(dare_mode="off")) for i in ids])
+    assert _preemptions(llm) == before
+    for k, prompt in enumerate(ids):
+        want = llada_generate(ref.logits, prompt, ref.spec.mask_token_id, GEN, STEPS, BLOCK)
+        assert list(outs[k].outputs[0].token_ids) == want, k
+
+
+def test_guided_pairs_run_together_and_one_that_cannot_fit_is_rejected(
+    small_kv_engine, tiny_llada
+):
+    """A guided request and its twin need their blocks at the same time. The
+    52-token prompt's pair needs 2 x 3 blocks of the 5 there are: it is failed
+    with finish_reason "error" (it used to keep the engine busy forever); the other
+    pairs take turns and match the reference."""
+    llm = small_kv_engine()
+    ref = load_reference_model(tiny_llada)
+    ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
+    assert 2 * -(-(len(ids[2]) + GEN) // 32) > USABLE_BLOCKS
+    before = _preemptions(llm)
+    outs = _run_engine(llm, [(i, _params(dllm_cfg_scale=1.0, dare_mode="off")) for i in ids])
+    assert _preemptions(llm) == before
+    assert outs[2].outputs[0].finish_reason == "error"
+    assert list(outs[2].outputs[0].token_ids) == []
+    for k, prompt in enumerate(ids):
+        if k == 2:
+            continue
+        want = llada_generate(ref.logits, prompt, ref.spec.mask_token_id, GEN, STEPS, BLOCK,
+                              cfg_scale=1.0)
+        assert list(outs[k].outputs[0].token_ids) == want, k
+    # The engine still serves afterwards.
+    again = _run_engine(llm, [(ids[1], _params(dare_mode="off"))])
+    assert list(again[0].outputs[0].token_ids) == llada_generate(
+        ref.logits, ids[1], ref.spec.mask_token_id, GEN, STEPS, BLOCK)
+
+
+def test_a_pair_split_by_preemption_is_preempted_whole(small_kv_engine, tiny_llada):
+    """If vLLM preempts one of a guided pair (its allocation fallback), the partner
+    cannot step alone: it is preempted as well, and the pair restarts together
+    with the reference's output."""
+    llm = small_kv_engine()
+    ref = load_reference_model(tiny_llada)
+    prompt = llm.get_tokenizer().encode(PROMPTS[0])
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    engine.add_request(f"split-{time.monotonic_ns()}", {"prompt_token_ids": prompt},
+                       _params(dllm_cfg_scale=1.0, dare_mode="off"))
+    for _ in range(3):  # prompt pass, then two denoising steps
+        assert not any(o.finished for o in engine.step())
+    twin = next(r for r in scheduler.running if is_cfg_twin(r.request_id))
+    owner = next(r for r in scheduler.running if not is_cfg_twin(r.request_id))
+    scheduler.running.remove(twin)
+    scheduler._preempt_request(twin, time.monotonic())
+    out = None
+    for _ in range(MAX_ENGINE_STEPS):
+        finished = [o for o in engine.step() if o.finished]
+        if finished:
+            out = finished[0]
+            break
+    assert out is not None
+    assert (owner.num_preemptions, twin.num_preemptions) == (1, 1)
+    assert list(out.outputs[0].token_ids) == llada_generate(
+        ref.logits, prompt, ref.spec.mask_token_id, GEN, STEPS, BLOCK, cfg_scale=1.0)
+
+
+def test_dare_reuse_is_unchanged_by_waiting_aborts_and_recycled_blocks(small_kv_engine):
+    """With reuse on, a request's tokens and reuse counts do not depend on when it
+    ran or whose blocks it got: run under KV pressure, with one request aborted
+    part-way (its blocks go to a waiting one, holding its stale K/V/O/Q_ref), each
+    request gives what it gives when run alone."""
+    llm = small_kv_engine()
+    ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
+    alone = [_run_engine(llm, [(i, _params())])[0] for i in ids]
+    outs = _run_engine(llm, [(i, _params()) for i in ids], abort_after=(0, 6))
+    assert outs[0] is None
+    for k in range(1, len(ids)):
+        got, want = outs[k], alone[k]
+        assert list(got.outputs[0].token_ids) == list(want.outputs[0].token_ids), k
+        assert got.kv_transfer_params["dare"] == want.kv_transfer_params["dare"], k
+        assert got.kv_transfer_params["dare"]["kv_reused"] > 0
