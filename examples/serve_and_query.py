@@ -91,9 +91,13 @@ def main() -> None:
                 answer = out.choices[0].message.content
                 ok = is_correct(ex, answer)
                 wrong += mode == "off" and not ok
+                # This request's own figures (the response's kv_transfer_params).
+                figures = (out.model_extra or {}).get("kv_transfer_params") or {}
+                dare = figures.get("dare", {})
                 print(f"[{task}, dare_mode={mode}] {ex.question!r} -> {answer!r} "
                       f"({'correct' if ok else 'WRONG, expected ' + repr(ex.answer)}; "
-                      f"{time.time() - t:.2f}s)")
+                      f"{time.time() - t:.2f}s; {figures.get('dllm', {}).get('forwards')} "
+                      f"forwards, K/V reused {dare.get('kv_reuse_fraction', 0):.1%})")
 
         stream = client.chat.completions.create(
             model="dllm", messages=[{"role": "user", "content": "words 512"}],

@@ -180,6 +180,25 @@ def test_dare_counters_in_prometheus_metrics(server, client):
     assert "vllm:num_requests_running" in after
 
 
+def test_per_request_figures_come_back_in_the_response(server):
+    """vLLM's CPU platform runs the server's worker in a child process of the
+    engine core (multiprocess executor): the figures cross processes
+    (``request_stats`` channel) and arrive as the response's kv_transfer_params."""
+    xargs = {"dllm_steps": 8, "dllm_block_length": 8,
+             "dare_mode": "kv+o", "dare_tau_kv": 0.5, "dare_tau_o": 0.5}
+    r = requests.post(server + "/v1/completions", timeout=120, json={
+        "model": "tiny-llada", "prompt": ["reuse me", "and me"], "max_tokens": 8,
+        "ignore_eos": True, "vllm_xargs": xargs})
+    assert r.status_code == 200
+    figures = r.json()["kv_transfer_params"]
+    assert figures["dllm"]["gen_length"] == 8
+    assert figures["dllm"]["forwards"] == figures["dllm"]["denoising_steps"] + 1 > 1
+    dare = figures["dare"]
+    assert dare["num_layers"] == 2
+    assert 0 < dare["kv_reused"] <= dare["token_layers"]
+    assert dare["kv_reuse_fraction"] == dare["kv_reused"] / dare["token_layers"]
+
+
 def test_openai_temperature_and_seed_map_to_denoising_knobs(client):
     kwargs = dict(model="tiny-llada", prompt="sample me", max_tokens=16,
                   extra_body={"vllm_xargs": {"dllm_steps": 16}})

@@ -159,3 +159,30 @@ def test_dare_backend_refuses_models_it_cannot_serve(engines, tmp_path):
         chain.append(str(err))
         err = err.__cause__ or err.__context__
     assert any("serves LLaDA and Dream" in text for text in chain), chain
+
+
+def test_request_figures_cross_processes_through_the_channel(tmp_path, monkeypatch):
+    """The multiprocess-executor path of ``request_stats``: what a worker puts
+    under a request id (free text) the scheduler takes once, by section; nothing
+    is left behind, and another engine's figures are not touched."""
+    import tempfile
+
+    from vllm_dare import request_stats
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    mine, other = request_stats.channel(1234), request_stats.channel(12345)
+    (tmp_path / "vllm-dare-request-stats-1234-stale.dllm.json").write_text("{}")
+    request_stats.clear_channel(mine)
+    assert list(tmp_path.iterdir()) == []
+    req_id = "cmpl/../weird id \u00fc-0"
+    request_stats.put(req_id, "dllm", {"forwards": 9}, mine)
+    request_stats.put(req_id, "dare", {"kv_reused": 3}, mine)
+    request_stats.put(req_id, "dllm", {"forwards": 2}, other)
+    assert request_stats.take(req_id) is None  # not in this process's store
+    assert request_stats.take(req_id, mine) == {"dllm": {"forwards": 9},
+                                                "dare": {"kv_reused": 3}}
+    assert request_stats.take(req_id, mine) is None
+    assert [p.name.startswith("vllm-dare-request-stats-12345-") for p in tmp_path.iterdir()] == [True]
+    request_stats.clear_channel(mine)
+    assert request_stats.take(req_id, other) == {"dllm": {"forwards": 2}}
+    assert list(tmp_path.iterdir()) == []

@@ -34,12 +34,14 @@ makes the engine follow the reference:
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 
 from vllm.logger import init_logger
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.sched.diffusion_scheduler import DiffusionScheduler
+from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.outputs import DraftTokenIds
 from vllm.v1.request import Request, RequestStatus
@@ -81,6 +83,16 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
         self._rejected: list[Request] = []
         # owner request id -> its unconditional twin's id
         self._twins: dict[str, str] = {}
+        # Workers in child processes leave finished requests' figures there.
+        self._stats_channel = None
+        if self.vllm_config.parallel_config.distributed_executor_backend == "mp":
+            self._stats_channel = request_stats.channel(os.getpid())
+            request_stats.clear_channel(self._stats_channel)
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if self._stats_channel is not None:
+            request_stats.clear_channel(self._stats_channel)
 
     # ------------------------------------------------------------------ admission
 
@@ -192,9 +204,10 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
 
         1. a running member of a guided pair whose partner is not running is
            preempted (it cannot step alone; its blocks go back to the pool);
-        2. running groups (a pair counts as one), in order, reserve the blocks of
-           their whole sequences; when they do not fit, whole groups are preempted
-           from the end of the queue (the lowest priority), the group itself last.
+        2. running groups (a pair counts as one), in queue order (by priority
+           under the priority policy), reserve the blocks of their whole
+           sequences; when they do not fit, whole groups are preempted from the
+           end (the lowest priority), the group itself last.
            A group whose tokens do not fit this step's budget waits for the next
            step, ahead of the others;
         3. waiting groups start only when the blocks of their whole sequences, the
@@ -218,6 +231,8 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
         budget = self.max_num_scheduled_tokens
         free = self.kv_cache_manager.block_pool.get_num_free_blocks()
         groups = self._groups(self.running, partners)
+        if self.policy == SchedulingPolicy.PRIORITY:  # else first come, first served
+            groups.sort(key=lambda group: (group[0].priority, group[0].arrival_time))
         kept: list[Request] = []
         deferred: list[Request] = []
         i = 0
@@ -312,11 +327,11 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
                 if not is_cfg_twin(o.request_id):
                     kept.append(o)
                 elif o.finish_reason is not None:
-                    request_stats.take(o.request_id)  # the twin's figures
+                    request_stats.take(o.request_id, self._stats_channel)  # the twin's
             engine_outputs.outputs = kept
             for output in engine_outputs.outputs:
                 if output.finish_reason is not None:
-                    stats = request_stats.take(output.request_id)
+                    stats = request_stats.take(output.request_id, self._stats_channel)
                     if stats is not None:
                         output.kv_transfer_params = {
                             **(output.kv_transfer_params or {}), **stats

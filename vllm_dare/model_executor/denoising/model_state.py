@@ -14,14 +14,17 @@ Everything vLLM's default state does, plus what a masked diffusion model needs:
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 import torch
 
+from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.v1.worker.gpu.attn_utils import build_attn_metadata
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
+from vllm_dare import request_stats
 from vllm_dare.attention_backends.dare_layer_step import DareStepInputs
 from vllm_dare.model_executor.denoising.params import DenoisingDefaults
 from vllm_dare.model_executor.denoising.sampler import CfgTwin, DenoisingSampler
@@ -41,6 +44,13 @@ class DenoisingModelState(DefaultModelState):
         self._slot_of: dict[str, int] = {}
         self.dare_runtime = getattr(model, "dare_runtime", None)
         self.served_model_name = str(vllm_config.model_config.served_model_name)
+        # With the multiprocess executor this worker is a child of the engine-core
+        # process, whose scheduler reads finished requests' figures from there.
+        self.stats_channel = (
+            request_stats.channel(os.getppid())
+            if vllm_config.parallel_config.distributed_executor_backend == "mp"
+            else None
+        )
         # DARE bookkeeping per slot: input ids of the previous forward, forwards run.
         self._prev_inputs: dict[int, torch.Tensor] = {}
         self._forwards: dict[int, int] = {}
@@ -52,6 +62,8 @@ class DenoisingModelState(DefaultModelState):
         self.sampler = DenoisingSampler(sampler, self.defaults, self.device)
         self.sampler.dare_runtime = self.dare_runtime
         self.sampler.model_name = self.served_model_name
+        self.sampler.publish_stats = get_tensor_model_parallel_rank() == 0
+        self.sampler.stats_channel = self.stats_channel
         return self.sampler, None
 
     def add_request(self, req_index: int, new_req_data) -> None:

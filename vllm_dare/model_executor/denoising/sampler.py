@@ -74,6 +74,11 @@ class DenoisingSampler:
         self.dare_counts: dict[int, np.ndarray] = {}
         self.dare_runtime = None  # set by the ModelState
         self.model_name = ""  # Prometheus label, set by the ModelState
+        # Where finished requests' figures go (``request_stats``), set by the
+        # ModelState: only the first tensor-parallel rank publishes them, into this
+        # process (None) or the engine-core process's channel.
+        self.publish_stats = True
+        self.stats_channel = None
         # Model forwards that processed each slot's request (its NFE).
         self.forwards: dict[int, int] = {}
         # Filled by the ModelState before add_request: slot <-> request id.
@@ -147,19 +152,21 @@ class DenoisingSampler:
             sampled[i, : canvas.shape[0]] = canvas.to(torch.int32)
             num_sampled[i] = canvas.shape[0]
             num_rejected[i] = 0
+            if not self.publish_stats:
+                return
             slot, req_id = int(slots[i]), input_batch.req_ids[i]
             state = self.states[slot]
             request_stats.put(req_id, "dllm", {
                 "forwards": self.forwards.get(slot, 0),
                 "denoising_steps": getattr(state, "steps_run", 0),
                 "gen_length": int(canvas.shape[0]),
-            })
+            }, self.stats_channel)
             counts = self.dare_counts.get(slot)
             if counts is not None:
                 request_stats.put(req_id, "dare", {
                     **dare_stats.summarize(counts),
                     "num_layers": self.dare_runtime.num_layers,
-                })
+                }, self.stats_channel)
 
         for i in range(num_reqs):
             slot = int(slots[i])
