@@ -2,10 +2,11 @@
 
 A denoising request needs the KV-cache blocks of its whole sequence (prompt +
 canvas) from its second forward on, and a guided request needs them twice (it
-runs with an unconditional twin). The engine here has 5 usable blocks of 32 tokens
-(160 token slots) and gets more than that at once: requests must wait for blocks
-rather than start on their prompt's blocks and be preempted a step later, pairs
-must run together, a pair that can never fit must be rejected instead of hanging
+runs with an unconditional twin). The engine here has 7 usable blocks of 16 tokens
+(112 token slots) and a step budget of 128 tokens, and gets more than that at
+once: requests must wait for blocks rather than start on their prompt's blocks and
+be preempted a step later, pairs must run together, a pair that can never fit (in
+the KV cache, in a step, in the request slots) must be rejected instead of hanging
 the engine, and none of this may change a token.
 """
 
@@ -22,7 +23,9 @@ from vllm_dare.reference import llada_generate, load_reference_model
 PROMPTS = ["hello world", "12+34=", "a much longer prompt that spans several dozen tokens", "x",
            "another prompt here"]
 GEN, STEPS, BLOCK = 32, 16, 8
-USABLE_BLOCKS = 5  # num_gpu_blocks_override 6, less vLLM's null block
+BLOCK_SIZE = 16
+USABLE_BLOCKS = 7  # num_gpu_blocks_override 8, less vLLM's null block
+STEP_TOKENS = 128
 MAX_ENGINE_STEPS = 400
 
 
@@ -32,7 +35,8 @@ def small_kv_engine(engines, tiny_llada):
         return engines.get(
             tiny_llada, attention_backend="dare",
             additional_config={"dare": {"mode": "kv+o", "tau_kv": 0.05, "tau_o": 0.05}},
-            block_size=32, num_gpu_blocks_override=USABLE_BLOCKS + 1, max_model_len=128,
+            block_size=BLOCK_SIZE, num_gpu_blocks_override=USABLE_BLOCKS + 1,
+            max_model_len=USABLE_BLOCKS * BLOCK_SIZE, max_num_batched_tokens=STEP_TOKENS,
             disable_log_stats=False,
         )
     return get
@@ -72,8 +76,8 @@ def _run_engine(llm, requests, abort_after=None):
 
 
 def test_requests_wait_for_blocks_and_match_the_reference(small_kv_engine, tiny_llada):
-    """Five requests need 11 blocks in all. Each starts only when its whole sequence
-    fits, so nothing is preempted, and every output is the reference's."""
+    """Five requests need 19 blocks in all. Each starts only when its whole
+    sequence fits, so nothing is preempted, and every output is the reference's."""
     llm = small_kv_engine()
     ref = load_reference_model(tiny_llada)
     ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
@@ -85,24 +89,37 @@ def test_requests_wait_for_blocks_and_match_the_reference(small_kv_engine, tiny_
         assert list(outs[k].outputs[0].token_ids) == want, k
 
 
-def test_guided_pairs_run_together_and_one_that_cannot_fit_is_rejected(
-    small_kv_engine, tiny_llada
+def _blocks(num_tokens: int) -> int:
+    return -(-num_tokens // BLOCK_SIZE)
+
+
+def test_guided_pairs_run_together_and_ones_that_cannot_fit_are_rejected(
+    small_kv_engine, tiny_llada, caplog
 ):
-    """A guided request and its twin need their blocks at the same time. The
-    52-token prompt's pair needs 2 x 3 blocks of the 5 there are: it is failed
-    with finish_reason "error" (it used to keep the engine busy forever); the other
-    pairs take turns and match the reference."""
+    """A guided request and its twin need their blocks, and their tokens, in the
+    same step. Two pairs can never run: the 52-token prompt's (2 x 84 tokens, more
+    than a step holds) and the 19-token prompt's (2 x 4 blocks, more than the KV
+    cache has). They fail with finish_reason "error" and a logged reason (such a
+    pair used to keep the engine stepping forever, or hold up every request queued
+    behind it); the other pairs take turns and match the reference."""
     llm = small_kv_engine()
     ref = load_reference_model(tiny_llada)
     ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
-    assert 2 * -(-(len(ids[2]) + GEN) // 32) > USABLE_BLOCKS
+    too_many_tokens, too_many_blocks = 2, 4
+    assert 2 * (len(ids[too_many_tokens]) + GEN) > STEP_TOKENS
+    assert 2 * (len(ids[too_many_blocks]) + GEN) <= STEP_TOKENS
+    assert 2 * _blocks(len(ids[too_many_blocks]) + GEN) > USABLE_BLOCKS
     before = _preemptions(llm)
+    caplog.set_level("ERROR", logger="vllm_dare")
     outs = _run_engine(llm, [(i, _params(dllm_cfg_scale=1.0, dare_mode="off")) for i in ids])
     assert _preemptions(llm) == before
-    assert outs[2].outputs[0].finish_reason == "error"
-    assert list(outs[2].outputs[0].token_ids) == []
+    for k in (too_many_tokens, too_many_blocks):
+        assert outs[k].outputs[0].finish_reason == "error"
+        assert list(outs[k].outputs[0].token_ids) == []
+    assert "a step holds 128 (raise --max-num-batched-tokens)" in caplog.text
+    assert "need 8 KV-cache blocks of 16 tokens and the KV cache has 7" in caplog.text
     for k, prompt in enumerate(ids):
-        if k == 2:
+        if k in (too_many_tokens, too_many_blocks):
             continue
         want = llada_generate(ref.logits, prompt, ref.spec.mask_token_id, GEN, STEPS, BLOCK,
                               cfg_scale=1.0)
@@ -157,3 +174,15 @@ def test_dare_reuse_is_unchanged_by_waiting_aborts_and_recycled_blocks(small_kv_
         assert list(got.outputs[0].token_ids) == list(want.outputs[0].token_ids), k
         assert got.kv_transfer_params["dare"] == want.kv_transfer_params["dare"], k
         assert got.kv_transfer_params["dare"]["kv_reused"] > 0
+
+
+def test_guidance_needs_two_request_slots(engines, tiny_llada, caplog):
+    """With max_num_seqs 1 a guided request can never run with its twin: it is
+    rejected, and unguided requests are served."""
+    llm = engines.get(tiny_llada, max_num_seqs=1)
+    caplog.set_level("ERROR", logger="vllm_dare")
+    prompt = llm.get_tokenizer().encode(PROMPTS[0])
+    outs = _run_engine(llm, [(prompt, _params(dllm_cfg_scale=1.0)), (prompt, _params())])
+    assert outs[0].outputs[0].finish_reason == "error"
+    assert "runs as two sequences" in caplog.text and "max_num_seqs is 1" in caplog.text
+    assert len(outs[1].outputs[0].token_ids) == GEN

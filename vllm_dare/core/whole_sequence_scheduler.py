@@ -123,6 +123,20 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
                 "diffusion model denoises all max_tokens positions at once"
             )
         sequences = 2 if guided else 1
+        if sequences > self.max_num_running_reqs:
+            return (
+                "with classifier-free guidance it runs as two sequences (the request "
+                f"and its unconditional twin) and max_num_seqs is {self.max_num_running_reqs}"
+            )
+        if sequences * length > self.max_num_scheduled_tokens:
+            # Only a guided request can get here (the step budget is raised to at
+            # least max_model_len).
+            return (
+                f"with classifier-free guidance its {length} tokens run twice in every "
+                f"step (the request and its unconditional twin), {2 * length} tokens, and "
+                f"a step holds {self.max_num_scheduled_tokens} "
+                "(raise --max-num-batched-tokens)"
+            )
         needed = sequences * self._blocks_for(length)
         usable = self.kv_cache_manager.block_pool.num_gpu_blocks - 1  # less the null block
         if needed > usable:
