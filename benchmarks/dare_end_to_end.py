@@ -4,7 +4,11 @@ Runs one prompt batch through (1) the exact engine (vLLM's own attention backend
 (2) the DARE backend with nothing reused (mode off) and (3) the DARE backend at each
 threshold (per-request overrides on one engine), and reports wall time, its ratio to
 exact measured in the same run, reuse fractions and token agreement with exact.
-Prints a table and writes JSON with every setting.
+Both engines live in this process at once and the settings are timed round-robin
+(one generate call of each per round, ``--reps`` rounds); a setting's time is its
+median and its speed-up the median of its per-round ratios to exact, so that drift
+in the machine's speed hits every setting alike. Prints a table and writes JSON
+with every setting.
 
     .venv/bin/python benchmarks/dare_end_to_end.py --model PATH
 """
@@ -16,11 +20,12 @@ import gc
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB, per engine (two live)
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
@@ -39,6 +44,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--taus", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.2])
     parser.add_argument("--mode", default="kv+o", choices=["kv", "o", "kv+o"])
+    parser.add_argument("--reps", type=int, default=3, help="timing rounds")
     parser.add_argument("--out", default="benchmarks/results/dare_end_to_end_cpu.json")
     args = parser.parse_args()
 
@@ -52,27 +58,32 @@ def main() -> None:
         return SamplingParams(max_tokens=args.gen_length, ignore_eos=True,
                               extra_args={**knobs, **(extra or {})})
 
-    def timed(llm, prompts, p):
-        llm.generate(prompts[:1], p, use_tqdm=False)  # warm-up
-        start = time.perf_counter()
-        outs = llm.generate(prompts, p, use_tqdm=False)
-        return outs, time.perf_counter() - start
-
-    llm = LLM(**common)
-    tok = llm.get_tokenizer()
+    exact_llm = LLM(**common)
+    dare_llm = LLM(**common, attention_backend="dare",
+                   additional_config={"dare": {"mode": args.mode, "tau_kv": 0.0, "tau_o": 0.0}})
+    tok = exact_llm.get_tokenizer()
     ids = tok.encode(text)[: args.prompt_len]
     prompts = [{"prompt_token_ids": ids[i:] + ids[:i]} for i in range(args.batch)]
-    exact, t_exact = timed(llm, prompts, params())
-    del llm
-    gc.collect()
-    cleanup_dist_env_and_memory()
-
-    llm = LLM(**common, attention_backend="dare",
-              additional_config={"dare": {"mode": args.mode, "tau_kv": 0.0, "tau_o": 0.0}})
+    # (label, engine, params); tau 0 is the DARE backend in mode off.
+    settings = [("exact", exact_llm, params())] + [
+        (tau, dare_llm, params({"dare_tau_kv": tau, "dare_tau_o": tau} if tau
+                               else {"dare_mode": "off"}))
+        for tau in [0.0] + args.taus
+    ]
+    for _, llm, p in settings:
+        llm.generate(prompts[:1], p, use_tqdm=False)  # warm-up
+    seconds = {label: [] for label, _, _ in settings}
+    outputs = {}
+    for _ in range(args.reps):
+        for label, llm, p in settings:
+            start = time.perf_counter()
+            outputs[label] = llm.generate(prompts, p, use_tqdm=False)
+            seconds[label].append(time.perf_counter() - start)
+    exact = outputs["exact"]
+    t_exact = statistics.median(seconds["exact"])
     rows = []
     for tau in [0.0] + args.taus:
-        extra = {"dare_tau_kv": tau, "dare_tau_o": tau} if tau else {"dare_mode": "off"}
-        outs, seconds = timed(llm, prompts, params(extra))
+        outs = outputs[tau]
         same = sum(
             a == b for r, o in zip(exact, outs)
             for a, b in zip(r.outputs[0].token_ids, o.outputs[0].token_ids)
@@ -81,9 +92,15 @@ def main() -> None:
         tl = sum(o.kv_transfer_params["dare"]["token_layers"] for o in outs)
         kv = sum(o.kv_transfer_params["dare"]["kv_reused"] for o in outs)
         ov = sum(o.kv_transfer_params["dare"]["o_reused"] for o in outs)
-        rows.append({"tau": tau, "seconds": seconds, "exact_seconds": t_exact,
-                     "speedup_vs_exact": t_exact / seconds, "kv_reuse": kv / tl,
-                     "o_reuse": ov / tl, "token_agreement": same / total})
+        ratios = [e / d for e, d in zip(seconds["exact"], seconds[tau])]
+        rows.append({"tau": tau, "seconds": statistics.median(seconds[tau]),
+                     "exact_seconds": t_exact,
+                     "speedup_vs_exact": statistics.median(ratios),
+                     "round_seconds": seconds[tau], "exact_round_seconds": seconds["exact"],
+                     "kv_reuse": kv / tl, "o_reuse": ov / tl, "token_agreement": same / total})
+    del exact_llm, dare_llm
+    gc.collect()
+    cleanup_dist_env_and_memory()
     model_name = Path(args.model).name  # no machine paths in the report
     config = json.loads((Path(args.model) / "config.json").read_text())
     size_keys = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size",
@@ -94,12 +111,15 @@ def main() -> None:
         "benchmark": "dare_end_to_end", "model": model_name, "model_size": model_size,
         "mode": args.mode,
         "batch": args.batch, "prompt_len": args.prompt_len, "gen_length": args.gen_length,
-        "block_length": args.block_length, "steps": args.steps,
+        "block_length": args.block_length, "steps": args.steps, "reps": args.reps,
+        "timing": "round-robin, one call of each setting per round; median seconds, "
+                  "median of per-round ratios to exact",
         "device": f"CPU {platform.machine()} (vLLM CPU build)", "rows": rows,
     }
     print(f"DARE end to end: {model_name} {model_size}, batch {args.batch}, prompt {args.prompt_len}, "
           f"gen {args.gen_length}, block {args.block_length}, steps {args.steps}, "
-          f"mode {args.mode}, {report['device']}; exact {t_exact:.2f}s")
+          f"mode {args.mode}, {report['device']}; exact {t_exact:.2f}s (median of "
+          f"{args.reps} round-robin rounds)")
     print(f"{'tau':>6} {'seconds':>8} {'vs exact':>9} {'kv reuse':>9} {'o reuse':>8} {'agree':>6}")
     for r in rows:
         print(f"{r['tau']:>6.2f} {r['seconds']:>8.2f} {r['speedup_vs_exact']:>8.2f}x "
