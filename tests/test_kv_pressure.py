@@ -186,3 +186,41 @@ def test_guidance_needs_two_request_slots(engines, tiny_llada, caplog):
     assert outs[0].outputs[0].finish_reason == "error"
     assert "runs as two sequences" in caplog.text and "max_num_seqs is 1" in caplog.text
     assert len(outs[1].outputs[0].token_ids) == GEN
+
+
+def test_running_requests_that_lose_their_blocks_preempt_from_the_end(
+    small_kv_engine, tiny_llada
+):
+    """If the blocks a running request still needs are gone (taken here straight
+    from the pool, standing in for anything that outgrew its estimate), requests
+    are preempted from the end of the queue, whole, until the others fit; the
+    preempted one restarts when blocks come back. Three requests of 2 blocks each
+    run together; after their prompt passes 3 of the 4 free blocks are taken, so
+    the first keeps its block, the third is preempted to make room for the second."""
+    llm = small_kv_engine()
+    ref = load_reference_model(tiny_llada)
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    pool = scheduler.kv_cache_manager.block_pool
+    prompt = llm.get_tokenizer().encode(PROMPTS[3])
+    params = SamplingParams(max_tokens=16, ignore_eos=True,
+                            extra_args={"dllm_steps": 16, "dllm_block_length": 8,
+                                        "dare_mode": "off"})
+    for k in range(3):
+        engine.add_request(f"lose-{k}-{time.monotonic_ns()}", {"prompt_token_ids": prompt},
+                           params)
+    engine.step()  # the three prompt passes
+    requests = list(scheduler.running)
+    assert len(requests) == 3 and pool.get_num_free_blocks() == 4
+    taken = pool.get_new_blocks(3)
+    engine.step()
+    assert [r.num_preemptions for r in requests] == [0, 0, 1]
+    assert requests[2] not in scheduler.running
+    pool.free_blocks(taken)
+    outs = []
+    for _ in range(MAX_ENGINE_STEPS):
+        outs += [o for o in engine.step() if o.finished]
+        if len(outs) == 3:
+            break
+    want = llada_generate(ref.logits, prompt, ref.spec.mask_token_id, 16, 16, 8)
+    assert [list(o.outputs[0].token_ids) for o in outs] == [want] * 3
