@@ -50,7 +50,10 @@ def main() -> None:
 
     common = dict(model=args.model, dtype="float32", enforce_eager=True, seed=0,
                   max_model_len=args.prompt_len + args.gen_length + 8,
-                  max_num_seqs=args.batch)
+                  max_num_seqs=args.batch,
+                  # two engines live at once: each may take less than half a GPU
+                  # (the CPU build sizes its KV cache by VLLM_CPU_KVCACHE_SPACE)
+                  gpu_memory_utilization=0.4)
     text = "The quick brown fox jumps over the lazy dog. " * 40
     knobs = {"dllm_steps": args.steps, "dllm_block_length": args.block_length}
 

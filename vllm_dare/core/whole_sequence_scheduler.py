@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Iterable
 
 from vllm.logger import init_logger
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.sched.diffusion_scheduler import DiffusionScheduler
-from vllm.v1.core.sched.request_queue import SchedulingPolicy
+from vllm.v1.core.sched.request_queue import SchedulingPolicy, create_request_queue
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.outputs import DraftTokenIds
 from vllm.v1.request import Request, RequestStatus
@@ -71,6 +72,17 @@ def _sequence_length(request: Request) -> int:
 
 def is_cfg_twin(request_id: str) -> bool:
     return request_id.endswith(CFG_TWIN_SUFFIX)
+
+
+def _take(queue, requests: list[Request]) -> None:
+    """Remove ``requests`` from a request queue; without scanning it when they
+    lead a first-come-first-served queue (the usual case)."""
+    left = set(requests)
+    if isinstance(queue, deque):
+        while left and queue and queue[0] in left:
+            left.discard(queue.popleft())
+    if left:
+        queue.remove_requests(left)
 
 
 class WholeSequenceDiffusionScheduler(DiffusionScheduler):
@@ -227,8 +239,8 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
         3. waiting groups start only when the blocks of their whole sequences, the
            tokens of their prompts and a request slot per member are left; the
            first that does not fit and all after it wait (first come, first
-           served). vLLM would otherwise start a request on the blocks of its
-           prompt alone and preempt it, or another, one step later.
+           served; ``_startable``). vLLM would otherwise start a request on the
+           blocks of its prompt alone and preempt it, or another, one step later.
         """
         if self._unservable:
             ids = [r for r in self._unservable if r in self.requests]
@@ -274,31 +286,54 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
 
         slots = (self.max_num_running_reqs - len(kept) - len(deferred)
                  - self.num_waiting_for_streaming_input)
-        held_back: list[Request] = []
-        for group in self._groups(self.waiting, partners):
-            if not held_back:
-                need_tokens = sum(m.num_prompt_tokens - m.num_computed_tokens for m in group)
-                need_blocks = self._blocks_to_finish(group)
-                # A single request may start on part of the budget (chunked
-                # prefill); a pair must start both prompts in the same step.
-                tokens_fit = need_tokens <= budget or (len(group) == 1 and budget > 0)
-                if tokens_fit and need_blocks <= free and len(group) <= slots:
-                    budget -= min(need_tokens, budget)
-                    free -= need_blocks
-                    slots -= len(group)
-                    continue
-            held_back.extend(group)
-        if held_back:
-            self.waiting.remove_requests(held_back)
-
+        startable = self._startable(partners, budget, free, slots)
+        # vLLM's scheduler sees only the requests that may start; the rest of the
+        # queue is set aside (touching the queue costs the started requests, not
+        # the queue's length).
+        waiting = self.waiting
+        _take(waiting, startable)
+        self.waiting = create_request_queue(self.policy)
+        for request in startable:
+            self.waiting.add_request(request)
         self.running = kept
         try:
             return super().schedule(*args, **kwargs)
         finally:
-            # Deferred requests go first next step; held-back ones keep their order.
+            # Deferred requests go first next step; requests that did not start
+            # (or were preempted) go back in front of the queue's rest.
             self.running = deferred + self.running
-            for request in held_back:
-                self.waiting.add_request(request)
+            not_started = list(self.waiting)
+            self.waiting = waiting
+            waiting.prepend_requests(reversed(not_started))
+
+    def _startable(self, partners: dict[str, str], budget: int, free: int,
+                   slots: int) -> list[Request]:
+        """The waiting requests that may start this step, in queue order: each
+        group (a guided request with its twin) while the blocks of its whole
+        sequences, its prompts' tokens and a request slot per member are left; the
+        first group that does not fit ends the list (first come, first served)."""
+        startable: list[Request] = []
+        taken: set[str] = set()
+        for request in self.waiting:
+            if request.request_id in taken:
+                continue
+            group = [request]
+            partner = self.requests.get(partners.get(request.request_id, ""))
+            if partner is not None:
+                group.append(partner)  # waiting too: lone running members were preempted
+            need_tokens = sum(m.num_prompt_tokens - m.num_computed_tokens for m in group)
+            # A single request may start on part of the budget (chunked prefill);
+            # a pair must start both prompts in the same step.
+            tokens_fit = need_tokens <= budget or (len(group) == 1 and budget > 0)
+            need_blocks = self._blocks_to_finish(group)
+            if not (tokens_fit and need_blocks <= free and len(group) <= slots):
+                break
+            budget -= min(need_tokens, budget)
+            free -= need_blocks
+            slots -= len(group)
+            startable += group
+            taken.update(m.request_id for m in group)
+        return startable
 
     # ------------------------------------------------------------------ finishing
 
