@@ -17,8 +17,9 @@ that drift in the machine's speed hits every setting alike):
 
 * exact     -- fused QKV projection of every token, PyTorch SDPA (non-causal),
                output projection;
-* engine off -- the engine's layer step with nothing reusable (DARE mode off:
-               what the DARE backend runs in exact mode; paged kernels);
+* engine off -- the engine's layer step in DARE mode off (what the DARE backend
+               runs in exact mode: K/V of every token written to the paged cache, no
+               predictor, no Q_ref or O writes; paged kernels);
 * DARE r    -- the engine's layer step (``dare_layer_step.dare_attention_step``):
                query projection of every token, query delta against Q_ref (from the
                paged cache), K/V projection + cache write of the (1-r) recomputed
@@ -160,7 +161,7 @@ class Stack:
         for i, w in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), w["norm1"]) if self.mlp else x
 
-            def project_kv(rows, h=h, w=w):
+            def project_kv(rows, h=h, w=w):  # rows: row ids or slice(0, T)
                 k, v = (h[rows] @ w["kv"].T).split([Hkv * D, Hkv * D], dim=-1)
                 return k, v
 
@@ -171,12 +172,17 @@ class Stack:
         return x
 
     def runtime(self, reuse_rows: torch.Tensor | None) -> DareRuntime:
-        """A runtime whose step reuses exactly ``reuse_rows`` (None: DARE off)."""
+        """A runtime whose step reuses exactly ``reuse_rows`` (None: DARE mode off for
+        every request, as the engine runs it: no predictor, no Q_ref or O writes)."""
         runtime = DareRuntime(self.num_layers, per_head=False, device=self.device)
-        if reuse_rows is None:
-            runtime.begin_step(None, self.R)
-            return runtime
         force = torch.ones(self.T, dtype=torch.bool, device=self.device)
+        if reuse_rows is None:
+            never = torch.zeros(self.T, device=self.device)
+            runtime.begin_step(DareStepInputs(force=force, tau_kv=never, tau_o=never,
+                                              kv_is_reference=torch.ones_like(force),
+                                              any_reuse=False, keeps_reference=False,
+                                              keeps_o=False), self.R)
+            return runtime
         force[reuse_rows] = False
         tau = torch.full((self.T,), 1e30, device=self.device)
         runtime.begin_step(DareStepInputs(force=force, tau_kv=tau, tau_o=tau,

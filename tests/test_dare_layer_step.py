@@ -59,10 +59,20 @@ class Layer:
         })
         self.runtime = DareRuntime(1, per_head=False, device=DEVICE)
         self.kv_calls: list[int] = []
+        self.kv_rows: list = []
         self.o_calls: list[int] = []
 
-    def step(self, force: torch.Tensor | None, tau: float = 0.05) -> torch.Tensor:
-        if force is None:
+    def step(self, force: torch.Tensor | None, tau: float = 0.05,
+             keeps: tuple[bool, bool] | None = None) -> torch.Tensor:
+        """One forward: ``force`` None is a step without DARE inputs (everything
+        recomputed and cached); ``keeps`` (Q_ref, O) given is a step of requests that
+        reuse nothing, whose batch keeps that state or not."""
+        if keeps is not None:
+            no = torch.zeros(self.T, device=DEVICE)
+            force = torch.ones(self.T, dtype=torch.bool, device=DEVICE)
+            self.runtime.begin_step(DareStepInputs(force, no, no, torch.ones_like(force), False,
+                                                   keeps_reference=keeps[0], keeps_o=keeps[1]), 2)
+        elif force is None:
             self.runtime.begin_step(None, 2)
         else:
             force = force.to(DEVICE)
@@ -70,7 +80,8 @@ class Layer:
             self.runtime.begin_step(DareStepInputs(force, t, t, torch.ones_like(force), True), 2)
 
         def project_kv(rows):
-            self.kv_calls.append(rows.numel())
+            self.kv_rows.append(rows)
+            self.kv_calls.append(self.x[rows].shape[0])
             kv = self.x[rows] @ self.w_kv.T
             return kv[:, : HKV * D].contiguous(), kv[:, HKV * D :].contiguous()
 
@@ -148,3 +159,28 @@ def test_query_drift_above_tau_recomputes_without_forcing():
     layer.step(torch.zeros(layer.T, dtype=torch.bool), tau=0.2)
     assert layer.kv_calls == [1]
     torch.testing.assert_close(layer.step(None)[15], layer.dense()[15], **TOL)
+
+
+def test_batch_that_keeps_no_dare_state_writes_only_k_and_v_and_projects_its_input_as_is():
+    """DARE mode off for every request: the output is exact, K/V are cached, and the
+    Q_ref and O columns, which no request will read, are left as they were. With
+    every K/V row recomputed, ``project_kv`` gets the whole input (no row gather)."""
+    layout = DareCacheLayout(H, HKV, D)
+    q_ref = slice(layout.qref_offset, layout.qref_offset + layout.q_width)
+    o = slice(layout.o_offset, layout.o_offset + layout.q_width)
+    kv = slice(layout.k_offset, layout.v_offset + layout.kv_width)
+    for keeps in [(False, False), (True, False), (True, True)]:
+        layer = Layer()
+        slots = layer.meta.slot_mapping
+        before = layer.cache[slots].clone()
+        out = layer.step(None, keeps=keeps)
+        torch.testing.assert_close(out, layer.dense(), **TOL)
+        after = layer.cache[slots]
+        assert not torch.equal(after[:, kv], before[:, kv])  # K/V written
+        assert torch.equal(after[:, q_ref], before[:, q_ref]) != keeps[0], keeps
+        assert torch.equal(after[:, o], before[:, o]) != keeps[1], keeps
+        if keeps[0]:
+            torch.testing.assert_close(after[:, q_ref], layer.x @ layer.w_q.T, **TOL)
+        if keeps[1]:
+            torch.testing.assert_close(after[:, o], out, **TOL)
+        assert layer.kv_rows == [slice(0, layer.T)]

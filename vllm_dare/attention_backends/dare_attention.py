@@ -31,15 +31,15 @@ def dare_self_attention(
 ) -> torch.Tensor:
     """Projected attention output ``[T, num_heads * head_dim]`` of one layer.
 
-    ``project_kv(rows)`` returns the keys (RoPE applied) and values of the given
-    token rows, ``[R, kv_width]`` each; ``project_o(o)`` is the output projection of
+    ``project_kv(rows)`` returns the keys (RoPE applied) and values of the token
+    rows ``rows`` selects (row ids, or ``slice(0, T)`` for all), ``[R, kv_width]`` each; ``project_o(o)`` is the output projection of
     attention rows ``[R, num_heads * head_dim]``. Both are called for the recomputed
     rows only.
     """
     meta, _, kv_cache, _ = get_attention_context(layer_name)
     if meta is None:  # profiling / dummy run: shapes only
         T = q.shape[0]
-        project_kv(torch.arange(T, device=q.device))
+        project_kv(slice(0, T))
         return project_o(torch.zeros_like(q))
     assert isinstance(meta, DareMetadata)
     if meta.causal:

@@ -16,7 +16,9 @@ forced to recompute):
 
 Q_ref is rewritten only for tokens whose cached activations were recomputed: those
 whose K/V were recomputed when the request reuses K/V, else those whose O was.
-``tau = 0`` disables a reuse, so with both at 0 every row is recomputed.
+``tau = 0`` disables a reuse, so with both at 0 every row is recomputed. A batch
+in which no request keeps DARE state (mode off) writes neither Q_ref nor O, and a
+batch that recomputes every K/V row projects the layer input as it is (no gather).
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ class DareStepInputs:
     tau_o: torch.Tensor  # float32 [T]; 0 = never reuse O
     kv_is_reference: torch.Tensor  # bool [T]: Q_ref follows K/V recomputes (else O's)
     any_reuse: bool  # False: every row is recomputed, skip the predictor
+    # Whether any request of the batch may reuse later, i.e. reads this step's Q_ref
+    # rows (DARE mode not off) or O rows (mode o or kv+o). When not, those cache
+    # writes are skipped: in mode off the backend writes K/V only, like exact mode.
+    keeps_reference: bool = True
+    keeps_o: bool = True
 
 
 class DareRuntime:
@@ -128,7 +135,9 @@ def attend_all_rows(query, key, value, kv_cache, meta: DareMetadata, layout, sca
     return out
 
 
-ProjectKV = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# ``project_kv(rows)``: keys and values of the token rows ``rows`` selects (a tensor
+# of row ids, or ``slice(0, T)`` for every row), ``[R, kv_width]`` each.
+ProjectKV = Callable[[torch.Tensor | slice], tuple[torch.Tensor, torch.Tensor]]
 ProjectO = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -184,12 +193,15 @@ def dare_attention_step(
             int32_rows[id(rows)] = rows.to(torch.int32)
         return int32_rows[id(rows)]
 
-    # K/V projection of the recomputed rows only.
+    keeps_reference = step is None or step.keeps_reference
+    keeps_o = step is None or step.keeps_o
+
+    # K/V projection of the recomputed rows only (all of them: the input as it is).
     if kv_rows.numel():
-        k, v = project_kv(kv_rows)
+        k, v = project_kv(slice(0, T) if kv_rows.numel() == T else kv_rows)
         write_rows(k, rows32(kv_rows), meta.slot_mapping, cache, layout.k_offset)
         write_rows(v, rows32(kv_rows), meta.slot_mapping, cache, layout.v_offset)
-    if ref_rows.numel():
+    if keeps_reference and ref_rows.numel():
         write_rows(q if ref_rows.numel() == T else q[ref_rows], rows32(ref_rows),
                    meta.slot_mapping, cache, layout.qref_offset)
 
@@ -216,7 +228,7 @@ def dare_attention_step(
         out = o_cols.index_select(0, meta.slot_mapping)
         if R:
             out.index_copy_(0, o_rows, projected)
-    if R:
+    if keeps_o and R:
         write_rows(projected, rows32(o_rows), meta.slot_mapping, cache, layout.o_offset)
 
     runtime.count(layer_index, meta, T - kv_rows.numel(), T - R, reused_rows)

@@ -112,7 +112,7 @@ class DenoisingModelState(DefaultModelState):
         tau_kv = torch.zeros(T, dtype=torch.float32, device=self.device)
         tau_o = torch.zeros(T, dtype=torch.float32, device=self.device)
         kv_ref = torch.ones(T, dtype=torch.bool, device=self.device)
-        any_reuse = False
+        any_reuse = keeps_reference = keeps_o = False
         for i in range(num_reqs):
             slot = int(input_batch.idx_mapping_np[i])
             settings = self.sampler.dare_settings.get(slot)
@@ -127,6 +127,8 @@ class DenoisingModelState(DefaultModelState):
             kv_ref[a:b] = settings.reuses_kv
             if not (settings.reuses_kv or settings.reuses_o):
                 continue
+            keeps_reference = True  # from its first forward on: later steps read it
+            keeps_o = keeps_o or settings.reuses_o
             if num_logits[i] == 0 or prev is None or prev.shape != ids.shape:
                 continue  # prompt pass or first forward over the full sequence
             if settings.refresh_interval and forwards % settings.refresh_interval == 0:
@@ -155,7 +157,8 @@ class DenoisingModelState(DefaultModelState):
             tau_kv[a:b] = settings.tau_kv if settings.reuses_kv else 0.0
             tau_o[a:b] = settings.tau_o if settings.reuses_o else 0.0
             any_reuse = True
-        return DareStepInputs(force, tau_kv, tau_o, kv_ref, any_reuse)
+        return DareStepInputs(force, tau_kv, tau_o, kv_ref, any_reuse,
+                              keeps_reference=keeps_reference, keeps_o=keeps_o)
 
     def prepare_attn(
         self,

@@ -128,7 +128,7 @@ class DiffusionSelfAttention(nn.Module):
         q, _ = self.q_proj(x)
         q, _ = self._rope(positions, q, None)
 
-        def project_kv(rows: torch.Tensor):
+        def project_kv(rows: torch.Tensor | slice):
             kv, _ = self.kv_proj(x[rows])
             k, v = kv.split([self.kv_size, self.kv_size], dim=-1)
             k, _ = self._rope(positions[rows], k.contiguous(), None)
