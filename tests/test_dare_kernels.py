@@ -13,8 +13,10 @@ import torch
 from vllm_dare.attention_backends import torch_dare_ops, triton_dare_kernels
 from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
 from vllm_dare.attention_backends.triton_dare_kernels import (
+    decide_reuse_reference,
     paged_attention_rows_reference,
     query_delta_reference,
+    write_kv_rows_reference,
     write_rows_reference,
 )
 
@@ -85,6 +87,29 @@ def test_paged_attention_rows_matches_twin(impl, heads, block_size, selection):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("heads", [(4, 4, 64), (8, 2, 128)])
+def test_paged_attention_rows_every_row_with_request_starts(impl, heads):
+    """Every row selected, int64 row ids, and each request's first row given (the
+    batch's query_start_loc), as the layer step calls it with nothing reused."""
+    H, Hkv, D = heads
+    layout = DareCacheLayout(H, Hkv, D)
+    seq_lens = [70, 5, 33]
+    cache, block_table, _, token_req, g = _batch(seq_lens, 16, layout, seed=H + D)
+    T = sum(seq_lens)
+    q = torch.randn(T, H, D, generator=g).to(DEVICE)
+    rows = torch.arange(T, device=DEVICE)
+    starts = torch.tensor([0, 70, 75, 108], dtype=torch.int32, device=DEVICE)
+    seq = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    out = torch.zeros(T, H, D, device=DEVICE)
+    want = out.clone()
+    args = (layout, block_table, seq, rows, token_req.to(torch.int32))
+    IMPLS[impl].paged_attention_rows(q, cache, *args, out, 16, D**-0.5, max_rows_per_req=70,
+                                     req_row_start=starts)
+    paged_attention_rows_reference(q, cache, *args, want, 16, D**-0.5)
+    torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("pattern", ["long-all", "long-random", "skip-middle-request"])
 def test_paged_attention_rows_tiles(impl, pattern):
     """Requests with more selected rows than one tile of the Triton kernel (64), and
@@ -152,19 +177,69 @@ def test_write_rows_matches_twin(impl, selection, block_size):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("heads", [(4, 4, 64), (8, 2, 128)])
-def test_query_delta_matches_twin(impl, heads):
+@pytest.mark.parametrize("selection", ["none", "all", "random"])
+def test_write_rows_from_token_rows_and_write_kv_rows_match_twins(impl, selection):
+    """``src_by_token``: the source holds every token (Q_ref from the query, no
+    gather); ``write_kv_rows``: K and V of the same rows in one launch. int64 rows."""
+    layout = DareCacheLayout(8, 2, 64)
+    cache, _, slot_mapping, _, g = _batch([13, 40, 7], 32, layout, seed=4)
+    T = 60
+    rows = _selection(selection, T, g).to(DEVICE)
+    q = torch.randn(T, layout.q_width, generator=g).to(DEVICE)
+    got, want = cache.clone(), cache.clone()
+    IMPLS[impl].write_rows(q, rows, slot_mapping, got, layout.qref_offset, src_by_token=True)
+    write_rows_reference(q, rows, slot_mapping, want, layout.qref_offset, src_by_token=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # the twin itself: token rows[i]'s slot holds q[rows[i]]
+    qref = want[slot_mapping[rows], layout.qref_offset : layout.qref_offset + layout.q_width]
+    assert torch.equal(qref, q[rows])
+    k = torch.randn(rows.shape[0], layout.kv_width, generator=g).to(DEVICE)
+    kv = torch.randn(rows.shape[0], 2 * layout.kv_width, generator=g).to(DEVICE)
+    v = kv[:, layout.kv_width :]  # a strided view, as a split projection gives
+    got, want = cache.clone(), cache.clone()
+    IMPLS[impl].write_kv_rows(k, v, rows, slot_mapping, got, layout)
+    write_kv_rows_reference(k, v, rows, slot_mapping, want, layout)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    untouched = torch.ones(T, dtype=torch.bool, device=DEVICE)
+    untouched[rows] = False
+    assert torch.equal(got[slot_mapping[untouched]], cache[slot_mapping[untouched]])
+
+
+def test_query_delta_twin_measures_the_relative_change():
+    layout = DareCacheLayout(8, 2, 128)
+    cache, _, slot_mapping, _, g = _batch([21, 9], 32, layout, seed=9)
+    T = 30
+    qref = cache[slot_mapping, layout.qref_offset : layout.qref_offset + layout.q_width]
+    q = qref + 0.1 * torch.randn(T, layout.q_width, generator=g).to(DEVICE)
+    q[:5] = qref[:5]  # unchanged queries: delta exactly 0
+    head, tok = query_delta_reference(q, slot_mapping, cache, layout)
+    assert (tok[:5] == 0).all() and (tok[5:] > 0).all() and (head[:5] == 0).all()
+    # The relative change is what was injected: ||0.1 * noise|| / ||qref|| ~ 0.1.
+    assert 0.05 < float(tok[5:].median()) < 0.2
+    assert (head.amax(-1) >= tok - 1e-6).all()  # the largest head moves at least as much
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("heads", [(4, 4, 64), (8, 2, 128), (28, 4, 128)])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_decide_reuse_matches_twin(impl, heads, per_head):
     H, Hkv, D = heads
     layout = DareCacheLayout(H, Hkv, D)
     cache, _, slot_mapping, _, g = _batch([21, 9], 32, layout, seed=9)
     T = 30
     qref = cache[slot_mapping, layout.qref_offset : layout.qref_offset + H * D]
-    q = qref + 0.1 * torch.randn(T, H * D, generator=g).to(DEVICE)
+    scale = torch.rand(T, 1, generator=g) * 0.3  # changes from 0 to ~0.3
+    q = qref + (scale * torch.randn(T, H * D, generator=g)).to(DEVICE)
     q[:5] = qref[:5]  # unchanged queries: delta exactly 0
-    head, tok = IMPLS[impl].query_delta(q, slot_mapping, cache, layout)
-    head_ref, tok_ref = query_delta_reference(q, slot_mapping, cache, layout)
-    torch.testing.assert_close(head, head_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(tok, tok_ref, rtol=1e-5, atol=1e-6)
-    assert (tok[:5] == 0).all() and (tok[5:] > 0).all()
-    # The relative change is what was injected: ||0.1 * noise|| / ||qref|| ~ 0.1.
-    assert 0.05 < float(tok[5:].median()) < 0.2
+    tau_kv = (torch.rand(T, generator=g) * 0.3).to(DEVICE)
+    tau_o = (torch.rand(T, generator=g) * 0.3).to(DEVICE)
+    tau_kv[[0, 7]] = -1.0  # never reuse, even at delta 0
+    tau_o[[1, 8]] = -1.0
+    flags = IMPLS[impl].decide_reuse(q, slot_mapping, cache, layout, tau_kv, tau_o, per_head)
+    want = decide_reuse_reference(q, slot_mapping, cache, layout, tau_kv, tau_o, per_head)
+    assert flags.dtype == torch.bool and flags.shape == (T, 4)
+    assert torch.equal(flags, want)
+    assert torch.equal(flags[:, 2:], ~flags[:, :2])
+    assert flags[2:5, :2].all() and not flags[0, 0] and not flags[1, 1]
+    # Both outcomes occur: the thresholds split the tokens.
+    assert 0 < int(flags[5:, 0].sum()) < T - 5 and 0 < int(flags[5:, 1].sum()) < T - 5

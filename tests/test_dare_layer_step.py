@@ -1,13 +1,17 @@
 """One DARE attention layer step (``dare_attention_step``) on an explicit batch:
 the model-side path that decides reuse, skips the K/V and output projections of
 reused tokens, attends only the recomputed rows and serves the reused rows' projected
-outputs from the paged cache. Checked against dense attention in plain PyTorch, on
-CPU (vectorised PyTorch ops) and on a GPU when one is present (Triton kernels)."""
+outputs from the paged cache. Checked against dense attention in plain PyTorch with
+both kernel sets: the vectorised PyTorch ops and the Triton kernels (interpreted on
+CPU, compiled on a GPU when one is present)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
+
+from vllm_dare.attention_backends import torch_dare_ops, triton_dare_kernels
 
 from vllm_dare.attention_backends.dare_layer_step import (
     DareRuntime,
@@ -22,12 +26,14 @@ TOL = dict(rtol=1e-5, atol=1e-5) if DEVICE.type == "cpu" else dict(rtol=2e-4, at
 
 H, HKV, D, BLOCK = 4, 2, 16, 16
 SEQ_LENS = [9, 14]
+OPS = pytest.mark.parametrize("ops", [torch_dare_ops, triton_dare_kernels],
+                              ids=["torch", "triton"])
 
 
 class Layer:
     """Random projections and a paged batch of two requests."""
 
-    def __init__(self):
+    def __init__(self, ops):
         g = torch.Generator().manual_seed(0)
         hidden = H * D
         self.layout = DareCacheLayout(H, HKV, D)
@@ -58,6 +64,7 @@ class Layer:
             for k, v in vars(self.meta).items()
         })
         self.runtime = DareRuntime(1, per_head=False, device=DEVICE)
+        self.runtime.ops = ops
         self.kv_calls: list[int] = []
         self.kv_rows: list = []
         self.o_calls: list[int] = []
@@ -108,16 +115,18 @@ class Layer:
         return torch.cat(outs)
 
 
-def test_first_step_computes_every_row_exactly():
-    layer = Layer()
+@OPS
+def test_first_step_computes_every_row_exactly(ops):
+    layer = Layer(ops)
     out = layer.step(None)
     torch.testing.assert_close(out, layer.dense(), **TOL)
     assert layer.kv_calls == [layer.T] and layer.o_calls == [layer.T]
     assert layer.runtime.layer_counts[0].tolist() == [layer.T, 0, 0]
 
 
-def test_reused_rows_skip_projections_and_attention_and_come_from_the_cache():
-    layer = Layer()
+@OPS
+def test_reused_rows_skip_projections_and_attention_and_come_from_the_cache(ops):
+    layer = Layer(ops)
     first = layer.step(None)
     layer.kv_calls.clear()
     layer.o_calls.clear()
@@ -130,8 +139,9 @@ def test_reused_rows_skip_projections_and_attention_and_come_from_the_cache():
     assert layer.runtime.layer_counts[0].tolist() == [layer.T, layer.T - 4, layer.T - 4]
 
 
-def test_changed_token_recomputes_and_reused_rows_keep_their_cached_output():
-    layer = Layer()
+@OPS
+def test_changed_token_recomputes_and_reused_rows_keep_their_cached_output(ops):
+    layer = Layer(ops)
     first = layer.step(None)
     noise = torch.randn(layer.x.shape[1], generator=torch.Generator().manual_seed(1))
     layer.x[3] = noise.to(DEVICE)
@@ -151,8 +161,9 @@ def test_changed_token_recomputes_and_reused_rows_keep_their_cached_output():
                               first[: SEQ_LENS[0]][kept[: SEQ_LENS[0]]], atol=1e-4)
 
 
-def test_query_drift_above_tau_recomputes_without_forcing():
-    layer = Layer()
+@OPS
+def test_query_drift_above_tau_recomputes_without_forcing(ops):
+    layer = Layer(ops)
     layer.step(None)
     layer.x[15] *= 1.5  # the query of token 15 moves by 50% (relative)
     layer.kv_calls.clear()
@@ -161,7 +172,8 @@ def test_query_drift_above_tau_recomputes_without_forcing():
     torch.testing.assert_close(layer.step(None)[15], layer.dense()[15], **TOL)
 
 
-def test_batch_that_keeps_no_dare_state_writes_only_k_and_v_and_projects_its_input_as_is():
+@OPS
+def test_batch_that_keeps_no_dare_state_writes_only_k_and_v_and_projects_its_input_as_is(ops):
     """DARE mode off for every request: the output is exact, K/V are cached, and the
     Q_ref and O columns, which no request will read, are left as they were. With
     every K/V row recomputed, ``project_kv`` gets the whole input (no row gather)."""
@@ -170,7 +182,7 @@ def test_batch_that_keeps_no_dare_state_writes_only_k_and_v_and_projects_its_inp
     o = slice(layout.o_offset, layout.o_offset + layout.q_width)
     kv = slice(layout.k_offset, layout.v_offset + layout.kv_width)
     for keeps in [(False, False), (True, False), (True, True)]:
-        layer = Layer()
+        layer = Layer(ops)
         slots = layer.meta.slot_mapping
         before = layer.cache[slots].clone()
         out = layer.step(None, keeps=keeps)

@@ -3,7 +3,7 @@ only the rest.
 
 For every token processed in a step the layer computes its query (the layer input
 is needed for it anyway), then the relative L2 change against the token's cached
-reference query (``query_delta`` kernel). With ``delta <= tau`` (and the token not
+reference query (``decide_reuse`` kernel). With ``delta <= tau`` (and the token not
 forced to recompute):
 
 * DARE-KV reuses the token's cached K/V: its key/value projection is not computed
@@ -53,7 +53,8 @@ class DareStepInputs:
 class DareRuntime:
     """Shared by the attention layers of one model: the step's inputs, what every
     layer derives from them (computed once per step), and the reuse counters of the
-    step (per layer on the host, per request on the device)."""
+    step (per layer on the host, per token on the device, summed per request when
+    asked)."""
 
     def __init__(self, num_layers: int, per_head: bool, device: torch.device):
         self.num_layers = num_layers
@@ -65,7 +66,8 @@ class DareRuntime:
         # [layers, 3]: tokens, K/V rows reused, O rows reused (this step). Host
         # ints: a layer knows its row counts anyway (it sizes its matmuls).
         self.layer_counts = np.zeros((num_layers, 3), dtype=np.int64)
-        self._request_reused = torch.zeros(0, 2, dtype=torch.int64, device=device)
+        self.all_rows: torch.Tensor | None = None
+        self._token_reused: torch.Tensor | None = None  # int32 [T, 2], over layers
         self._token_req: torch.Tensor | None = None
         self._layers_run = 0
 
@@ -73,14 +75,18 @@ class DareRuntime:
         self.step = step
         self.num_reqs = num_reqs
         self.layer_counts[:] = 0
-        self._request_reused = torch.zeros(num_reqs, 2, dtype=torch.int64, device=self.device)
+        self._token_reused = None
         self._token_req = None
         self._layers_run = 0
+        # Row ids 0..T-1 of the step's tokens, shared by its layers.
+        self.all_rows = (None if step is None
+                         else torch.arange(step.force.shape[0], device=self.device))
         if step is not None and step.any_reuse:
-            # Tokens that may reuse at all (not forced, tau > 0); the layer only
-            # adds its query-delta test.
-            self.may_reuse_kv = ~step.force & (step.tau_kv > 0)
-            self.may_reuse_o = ~step.force & (step.tau_o > 0)
+            # The thresholds the predictor compares with: -1 (never passes) for
+            # tokens that may not reuse at all (forced, or tau 0).
+            never = torch.full_like(step.tau_kv, -1.0)
+            self.tau_kv = torch.where(~step.force & (step.tau_kv > 0), step.tau_kv, never)
+            self.tau_o = torch.where(~step.force & (step.tau_o > 0), step.tau_o, never)
             # Whose recomputes Q_ref follows, batch-wide when it can be (one host
             # sync per step, none per layer).
             self.reference = ("kv" if bool(step.kv_is_reference.all())
@@ -89,26 +95,31 @@ class DareRuntime:
     def count(self, layer_index: int, meta: DareMetadata, reused_kv: int, reused_o: int,
               reused_rows: torch.Tensor | None) -> None:
         """Record a layer's reuse: row counts, and ``reused_rows`` ([T, 2] bool: K/V
-        reused, O reused; None when nothing was) per request."""
+        reused, O reused; None when nothing was) per token."""
         T = meta.num_actual_tokens
         self.layer_counts[layer_index] += (T, reused_kv, reused_o)
         self._layers_run += 1
         if self._token_req is None:
             self._token_req = meta.token_req
-        if reused_rows is not None and self.num_reqs:
-            self._request_reused.index_add_(0, meta.token_req.long(),
-                                            reused_rows.to(torch.int64))
+        if reused_rows is not None:
+            if self._token_reused is None:
+                self._token_reused = torch.zeros(T, 2, dtype=torch.int32, device=self.device)
+            self._token_reused.add_(reused_rows)
 
     @property
     def request_counts(self) -> torch.Tensor:
         """[num_reqs, 3] per request of the batch, summed over the layers run this
         step: token-layer rows, K/V rows reused, O rows reused."""
+        reused = torch.zeros(self.num_reqs, 2, dtype=torch.int64, device=self.device)
         if self._token_req is None or not self.num_reqs:
             tokens = torch.zeros(self.num_reqs, 1, dtype=torch.int64, device=self.device)
         else:
-            tokens = torch.bincount(self._token_req.long(), minlength=self.num_reqs)
+            token_req = self._token_req.long()
+            tokens = torch.bincount(token_req, minlength=self.num_reqs)
             tokens = (tokens[: self.num_reqs] * self._layers_run).view(-1, 1)
-        return torch.cat([tokens, self._request_reused], dim=1)
+            if self._token_reused is not None:
+                reused.index_add_(0, token_req, self._token_reused.long())
+        return torch.cat([tokens, reused], dim=1)
 
 
 def attend_all_rows(query, key, value, kv_cache, meta: DareMetadata, layout, scale):
@@ -118,20 +129,20 @@ def attend_all_rows(query, key, value, kv_cache, meta: DareMetadata, layout, sca
     The O rows are left alone: the cache holds O after the output projection,
     which only the model-side path (``dare_self_attention``) owns."""
     ops = dare_ops(query.device)
-    write_rows, paged_attention_rows = ops.write_rows, ops.paged_attention_rows
     T = meta.num_actual_tokens
     cache = slot_rows(kv_cache, layout, query.dtype)
-    rows = torch.arange(T, device=query.device, dtype=torch.int32)
+    rows = torch.arange(T, device=query.device)
     q = query[:T].reshape(T, layout.q_width)
     slots = meta.slot_mapping
-    write_rows(key[:T].reshape(T, layout.kv_width), rows, slots, cache, layout.k_offset)
-    write_rows(value[:T].reshape(T, layout.kv_width), rows, slots, cache, layout.v_offset)
-    write_rows(q, rows, meta.slot_mapping, cache, layout.qref_offset)
+    ops.write_kv_rows(key[:T].reshape(T, layout.kv_width),
+                      value[:T].reshape(T, layout.kv_width), rows, slots, cache, layout)
+    ops.write_rows(q, rows, slots, cache, layout.qref_offset)
     out = torch.empty(T, layout.num_heads, layout.head_dim, dtype=query.dtype, device=query.device)
     block_size = cache.shape[0] // kv_cache.shape[0]
-    paged_attention_rows(q.view(T, layout.num_heads, layout.head_dim), cache, layout,
-                         meta.block_table, meta.seq_lens, rows, meta.token_req, out,
-                         block_size, scale, max_rows_per_req=meta.max_query_len)
+    ops.paged_attention_rows(q.view(T, layout.num_heads, layout.head_dim), cache, layout,
+                             meta.block_table, meta.seq_lens, rows, meta.token_req, out,
+                             block_size, scale, max_rows_per_req=meta.max_query_len,
+                             req_row_start=meta.query_start_loc)
     return out
 
 
@@ -156,68 +167,63 @@ def dare_attention_step(
     """One layer's DARE attention on an explicit batch (its metadata and the
     layer's cache as slot rows); see ``dare_attention.dare_self_attention``."""
     ops = runtime.ops
-    write_rows, paged_attention_rows = ops.write_rows, ops.paged_attention_rows
     T = meta.num_actual_tokens
     q = q[:T]
     step = runtime.step
     if step is not None and step.force.shape[0] != T:
         step = None  # not this batch's inputs (dummy run)
 
-    all_rows = torch.arange(T, device=q.device)
+    all_rows = runtime.all_rows if step is not None else torch.arange(T, device=q.device)
     reused_rows = None
     if step is None or not step.any_reuse:
         kv_rows = o_rows = ref_rows = all_rows  # nothing to select
     else:
-        head_delta, token_delta = ops.query_delta(q, meta.slot_mapping, cache, layout)
-        delta = head_delta.amax(dim=-1) if runtime.per_head else token_delta
-        reuse_kv = (delta <= step.tau_kv) & runtime.may_reuse_kv
-        reuse_o = (delta <= step.tau_o) & runtime.may_reuse_o
-        reused_rows = torch.stack((reuse_kv, reuse_o), dim=1)
+        # [T, 4] bool: K/V reused, O reused, K/V recomputed, O recomputed.
+        flags = ops.decide_reuse(q, meta.slot_mapping, cache, layout, runtime.tau_kv,
+                                 runtime.tau_o, runtime.per_head)
+        reused_rows = flags[:, :2]
         # Every row list is taken here, back to back: each takes a host sync, and
-        # only the first waits for real GPU work (query projection and delta).
-        kv_rows = all_rows[~reuse_kv]
-        o_rows = all_rows[~reuse_o]
+        # only the first waits for real GPU work (query projection and predictor).
+        kv_rows = flags[:, 2].nonzero().view(-1)
+        o_rows = flags[:, 3].nonzero().view(-1)
         if runtime.reference == "kv":
             ref_rows = kv_rows
         elif runtime.reference == "o":
             ref_rows = o_rows
         else:
-            ref_rows = all_rows[~torch.where(step.kv_is_reference, reuse_kv, reuse_o)]
-
-    # The kernels take int32 row ids; the row lists are often the same tensor
-    # (all rows, or Q_ref following K/V), so each is converted once.
-    int32_rows: dict[int, torch.Tensor] = {}
-
-    def rows32(rows: torch.Tensor) -> torch.Tensor:
-        if id(rows) not in int32_rows:
-            int32_rows[id(rows)] = rows.to(torch.int32)
-        return int32_rows[id(rows)]
+            ref_rows = torch.where(step.kv_is_reference, flags[:, 2], flags[:, 3])
+            ref_rows = ref_rows.nonzero().view(-1)
 
     keeps_reference = step is None or step.keeps_reference
     keeps_o = step is None or step.keeps_o
+    slots = meta.slot_mapping
 
     # K/V projection of the recomputed rows only (all of them: the input as it is).
     if kv_rows.numel():
         k, v = project_kv(slice(0, T) if kv_rows.numel() == T else kv_rows)
-        write_rows(k, rows32(kv_rows), meta.slot_mapping, cache, layout.k_offset)
-        write_rows(v, rows32(kv_rows), meta.slot_mapping, cache, layout.v_offset)
+        ops.write_kv_rows(k, v, kv_rows, slots, cache, layout)
     if keeps_reference and ref_rows.numel():
-        write_rows(q if ref_rows.numel() == T else q[ref_rows], rows32(ref_rows),
-                   meta.slot_mapping, cache, layout.qref_offset)
+        ops.write_rows(q, ref_rows, slots, cache, layout.qref_offset, src_by_token=True)
 
     # Attention and output projection of the recomputed rows only; the reused
     # rows' projected outputs come from the cache.
     R = o_rows.numel()
     attn = torch.empty(R, layout.num_heads, layout.head_dim, dtype=q.dtype, device=q.device)
-    if R:
+    if R == T:
+        # Every row, in token order: the batch's query_start_loc says where each
+        # request's rows start.
+        ops.paged_attention_rows(q.view(T, layout.num_heads, layout.head_dim), cache,
+                                 layout, meta.block_table, meta.seq_lens, all_rows,
+                                 meta.token_req, attn, block_size, scale,
+                                 max_rows_per_req=meta.max_query_len,
+                                 req_row_start=meta.query_start_loc)
+    elif R:
         # The kernel writes row i of its output at position row_token[i]; here
         # the recomputed rows are packed, so position i of ``attn``.
-        packed = rows32(all_rows) if R == T else all_rows[:R].to(torch.int32)
-        q_rows = q if R == T else q[o_rows]
-        row_req = meta.token_req if R == T else meta.token_req[o_rows]
-        paged_attention_rows(q_rows.view(R, layout.num_heads, layout.head_dim), cache,
-                             layout, meta.block_table, meta.seq_lens, packed, row_req, attn,
-                             block_size, scale, max_rows_per_req=meta.max_query_len)
+        ops.paged_attention_rows(q[o_rows].view(R, layout.num_heads, layout.head_dim),
+                                 cache, layout, meta.block_table, meta.seq_lens,
+                                 all_rows[:R], meta.token_req[o_rows], attn, block_size,
+                                 scale, max_rows_per_req=meta.max_query_len)
     projected = project_o(attn.view(R, layout.q_width)) if R else None
     if R == T:
         out = projected
@@ -225,11 +231,11 @@ def dare_attention_step(
         # Every row's cached output (one gather, no list of the reused rows), then
         # the recomputed rows overwritten.
         o_cols = cache[:, layout.o_offset : layout.o_offset + layout.q_width]
-        out = o_cols.index_select(0, meta.slot_mapping)
+        out = o_cols.index_select(0, slots)
         if R:
             out.index_copy_(0, o_rows, projected)
     if keeps_o and R:
-        write_rows(projected, rows32(o_rows), meta.slot_mapping, cache, layout.o_offset)
+        ops.write_rows(projected, o_rows, slots, cache, layout.o_offset)
 
     runtime.count(layer_index, meta, T - kv_rows.numel(), T - R, reused_rows)
     return out

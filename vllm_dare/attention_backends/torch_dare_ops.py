@@ -15,6 +15,7 @@ from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
 def paged_attention_rows(
     q, cache, layout: DareCacheLayout, block_table, seq_lens, row_token, row_req, out,
     block_size: int, scale: float, max_rows_per_req: int | None = None,
+    req_row_start: torch.Tensor | None = None,
 ) -> None:
     if row_token.numel() == 0:
         return
@@ -51,14 +52,27 @@ def paged_attention_rows(
     out[row_token] = o.transpose(1, 2)[row_req, rank].to(out.dtype)
 
 
-def write_rows(src, rows, slot_mapping, cache, col_offset: int) -> None:
+def write_rows(src, rows, slot_mapping, cache, col_offset: int,
+               src_by_token: bool = False) -> None:
     if rows.numel() == 0:
         return
-    slots = slot_mapping[rows.long()].long()
+    rows = rows.long()
+    slots = slot_mapping[rows].long()
+    if src_by_token:
+        src = src.index_select(0, rows)
     cache[slots, col_offset : col_offset + src.shape[1]] = src.to(cache.dtype)
 
 
-def query_delta(q, slot_mapping, cache, layout: DareCacheLayout, eps: float = 1e-6):
+def write_kv_rows(k, v, rows, slot_mapping, cache, layout: DareCacheLayout) -> None:
+    if rows.numel() == 0:
+        return
+    slots = slot_mapping[rows.long()].long()
+    cache[slots, layout.k_offset : layout.k_offset + layout.kv_width] = k.to(cache.dtype)
+    cache[slots, layout.v_offset : layout.v_offset + layout.kv_width] = v.to(cache.dtype)
+
+
+def decide_reuse(q, slot_mapping, cache, layout: DareCacheLayout, tau_kv, tau_o,
+                 per_head: bool, eps: float = 1e-6) -> torch.Tensor:
     T, H, D = q.shape[0], layout.num_heads, layout.head_dim
     ref = cache[:, layout.qref_offset : layout.qref_offset + H * D].index_select(
         0, slot_mapping.long()
@@ -66,4 +80,9 @@ def query_delta(q, slot_mapping, cache, layout: DareCacheLayout, eps: float = 1e
     qf, rf = q.float().view(T, H, D), ref.float().view(T, H, D)
     diff = (qf - rf).pow(2).sum(-1)
     norm = rf.pow(2).sum(-1)
-    return diff.sqrt() / (norm.sqrt() + eps), diff.sum(-1).sqrt() / (norm.sum(-1).sqrt() + eps)
+    if per_head:
+        delta = (diff.sqrt() / (norm.sqrt() + eps)).amax(dim=-1)
+    else:
+        delta = diff.sum(-1).sqrt() / (norm.sum(-1).sqrt() + eps)
+    reuse = torch.stack((delta <= tau_kv, delta <= tau_o), dim=1)
+    return torch.cat((reuse, ~reuse), dim=1)

@@ -3,11 +3,13 @@
 * ``paged_attention_rows`` -- bidirectional attention of *selected* query rows over
   all keys of their request, read from the paged cache; it computes and writes only
   those rows (DARE-O skips the others entirely). Flash-style tiles of selected rows.
-* ``write_rows`` -- scatter the rows of a compact ``[R, C]`` tensor (row i belongs to
-  token ``rows[i]``) into a column range of the paged cache at those tokens' slots
-  (K, V, O, Q_ref of recomputed tokens only).
-* ``query_delta`` -- per token and per head, the relative L2 change of the query
-  against its cached Q_ref: ``||q - Q_ref|| / (||Q_ref|| + eps)``.
+* ``write_rows`` -- scatter rows of a tensor into a column range of the paged cache
+  at the slots of the tokens ``rows`` lists (O and Q_ref of recomputed tokens
+  only); ``write_kv_rows`` does K and V in one launch.
+* ``decide_reuse`` -- the predictor: per token the relative L2 change of its query
+  against its cached Q_ref, ``||q - Q_ref|| / (||Q_ref|| + eps)`` (over the whole
+  row, or the largest over heads), compared with the token's thresholds; it emits
+  the reuse and recompute flags the layer step selects its rows from.
 
 The twins (``*_reference``) define the semantics and are the kernels' test oracle.
 The kernels also run on CPU tensors in Triton's interpreter (the tests do that);
@@ -116,11 +118,15 @@ def paged_attention_rows(
     block_size: int,
     scale: float,
     max_rows_per_req: int | None = None,
+    req_row_start: torch.Tensor | None = None,
 ) -> None:
     """Flash-style: one program per (query head, tile of up to BLOCK_M selected rows,
     request), keys and values streamed from the paged cache in BLOCK_N chunks
     through ``tl.dot``. The selected rows must be grouped by request in request
     order (``row_req`` non-decreasing), as the DARE layer step hands them.
+    ``req_row_start`` ([num_reqs + 1], optional) is where each request's rows
+    start in the selection; the caller that has it (every row selected: the batch's
+    ``query_start_loc``) saves its computation from ``row_req``.
 
     ``max_rows_per_req`` bounds the rows of one request (e.g. the batch's longest
     query; default R) and sizes the grid without a host sync: programs past their
@@ -130,13 +136,13 @@ def paged_attention_rows(
     R = row_token.shape[0]
     if R == 0:
         return
-    block_m = 64 if R >= 64 else 16
     num_reqs = block_table.shape[0]
     bound = R if max_rows_per_req is None else min(R, max_rows_per_req)
-    boundaries = torch.arange(num_reqs + 1, dtype=row_req.dtype, device=q.device)
-    req_row_start = torch.searchsorted(row_req, boundaries, out_int32=True)
-    grid = (layout.num_heads, triton.cdiv(bound, block_m), num_reqs)
-    fp32_dot = q.dtype == torch.float32 or _interpreted()
+    if req_row_start is None:
+        boundaries = torch.arange(num_reqs + 1, dtype=row_req.dtype, device=q.device)
+        req_row_start = torch.searchsorted(row_req, boundaries, out_int32=True)
+    meta = paged_attention_constexprs(layout, block_size, R, q.dtype)
+    grid = (layout.num_heads, triton.cdiv(bound, meta["BLOCK_M"]), num_reqs)
     _paged_attention_rows_kernel[grid](
         q, q.stride(0), q.stride(1),
         cache, cache.stride(0),
@@ -144,20 +150,30 @@ def paged_attention_rows(
         seq_lens, row_token, req_row_start,
         out, out.stride(0), out.stride(1),
         scale,
+        **meta,
+    )
+
+
+def paged_attention_constexprs(layout: DareCacheLayout, block_size: int, rows: int,
+                               dtype: torch.dtype) -> dict:
+    """The compile-time parameters ``paged_attention_rows`` launches its kernel with
+    (``rows``: how many rows are selected)."""
+    return dict(
         K_OFFSET=layout.k_offset, V_OFFSET=layout.v_offset,
         HEAD_DIM=layout.head_dim, BLOCK_D=max(16, triton.next_power_of_2(layout.head_dim)),
         QUERIES_PER_KV=layout.num_heads // layout.num_kv_heads,
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=64,
-        FP32_DOT=fp32_dot, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_SIZE=block_size, BLOCK_M=64 if rows >= 64 else 16, BLOCK_N=64,
+        FP32_DOT=dtype == torch.float32 or _interpreted(),
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
     )
 
 
 def paged_attention_rows_reference(
     q, cache, layout, block_table, seq_lens, row_token, row_req, out, block_size, scale,
-    max_rows_per_req: int | None = None,
+    max_rows_per_req: int | None = None, req_row_start: torch.Tensor | None = None,
 ) -> None:
     """Twin of ``paged_attention_rows`` (``max_rows_per_req`` is only a grid bound
-    there)."""
+    there, ``req_row_start`` a precomputed function of ``row_req``)."""
     D, Hkv = layout.head_dim, layout.num_kv_heads
     group = layout.num_heads // Hkv
     for token, req in zip(row_token.tolist(), row_req.tolist()):
@@ -180,7 +196,63 @@ def paged_attention_rows_reference(
 @triton.jit
 def _write_rows_kernel(
     src_ptr, src_stride, rows_ptr, slot_mapping_ptr, cache_ptr, cache_stride,
-    col_offset, WIDTH: tl.constexpr, BLOCK: tl.constexpr,
+    col_offset, WIDTH: tl.constexpr, BLOCK: tl.constexpr, SRC_BY_TOKEN: tl.constexpr,
+):
+    i = tl.program_id(0).to(tl.int64)
+    token = tl.load(rows_ptr + i).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if SRC_BY_TOKEN:
+        src_row = token
+    else:
+        src_row = i
+    for start in range(0, WIDTH, BLOCK):
+        c = start + tl.arange(0, BLOCK)
+        m = c < WIDTH
+        x = tl.load(src_ptr + src_row * src_stride + c, mask=m)
+        tl.store(cache_ptr + slot * cache_stride + col_offset + c,
+                 x.to(cache_ptr.dtype.element_ty), mask=m)
+
+
+def write_rows(
+    src: torch.Tensor,  # [R, C], or [T, C] with src_by_token (columns contiguous)
+    rows: torch.Tensor,  # [R] token of each row (any integer dtype)
+    slot_mapping: torch.Tensor,  # [T] slot of each token
+    cache: torch.Tensor,  # [num_slots, width]
+    col_offset: int,
+    src_by_token: bool = False,
+) -> None:
+    """Write row ``i`` of ``src`` (``src[rows[i]]`` with ``src_by_token``: a tensor
+    of every token, no gather needed) at token ``rows[i]``'s slot, columns
+    ``col_offset:col_offset + C``."""
+    R = rows.shape[0]
+    if R == 0:
+        return
+    _write_rows_kernel[(R,)](
+        src, src.stride(0), rows, slot_mapping, cache, cache.stride(0), col_offset,
+        **write_rows_constexprs(src.shape[1], src_by_token),
+    )
+
+
+def write_rows_constexprs(width: int, src_by_token: bool) -> dict:
+    return dict(WIDTH=width, BLOCK=min(1024, triton.next_power_of_2(width)),
+                SRC_BY_TOKEN=src_by_token)
+
+
+def write_rows_reference(src, rows, slot_mapping, cache, col_offset,
+                         src_by_token: bool = False) -> None:
+    """Twin of ``write_rows``."""
+    C = src.shape[1]
+    slots = slot_mapping[rows.long()].long()
+    cache[slots, col_offset : col_offset + C] = (
+        src[rows.long()] if src_by_token else src
+    ).to(cache.dtype)
+
+
+@triton.jit
+def _write_kv_rows_kernel(
+    k_ptr, k_stride, v_ptr, v_stride, rows_ptr, slot_mapping_ptr, cache_ptr, cache_stride,
+    K_OFFSET: tl.constexpr, V_OFFSET: tl.constexpr, WIDTH: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     token = tl.load(rows_ptr + i).to(tl.int64)
@@ -188,44 +260,52 @@ def _write_rows_kernel(
     for start in range(0, WIDTH, BLOCK):
         c = start + tl.arange(0, BLOCK)
         m = c < WIDTH
-        x = tl.load(src_ptr + i * src_stride + c, mask=m)
-        tl.store(cache_ptr + slot * cache_stride + col_offset + c,
-                 x.to(cache_ptr.dtype.element_ty), mask=m)
+        k = tl.load(k_ptr + i * k_stride + c, mask=m)
+        tl.store(cache_ptr + slot * cache_stride + K_OFFSET + c,
+                 k.to(cache_ptr.dtype.element_ty), mask=m)
+        v = tl.load(v_ptr + i * v_stride + c, mask=m)
+        tl.store(cache_ptr + slot * cache_stride + V_OFFSET + c,
+                 v.to(cache_ptr.dtype.element_ty), mask=m)
 
 
-def write_rows(
-    src: torch.Tensor,  # [R, C] (row stride arbitrary, columns contiguous)
+def write_kv_rows(
+    k: torch.Tensor,  # [R, kv_width] (columns contiguous)
+    v: torch.Tensor,  # [R, kv_width]
     rows: torch.Tensor,  # [R] token of each row
-    slot_mapping: torch.Tensor,  # [T] slot of each token
-    cache: torch.Tensor,  # [num_slots, width]
-    col_offset: int,
+    slot_mapping: torch.Tensor,
+    cache: torch.Tensor,
+    layout: DareCacheLayout,
 ) -> None:
+    """``write_rows`` of K and V (same rows) in one launch."""
     R = rows.shape[0]
     if R == 0:
         return
-    C = src.shape[1]
-    _write_rows_kernel[(R,)](
-        src, src.stride(0), rows, slot_mapping, cache, cache.stride(0), col_offset,
-        WIDTH=C, BLOCK=min(1024, triton.next_power_of_2(C)),
+    _write_kv_rows_kernel[(R,)](
+        k, k.stride(0), v, v.stride(0), rows, slot_mapping, cache, cache.stride(0),
+        **write_kv_rows_constexprs(layout),
     )
 
 
-def write_rows_reference(src, rows, slot_mapping, cache, col_offset) -> None:
-    """Twin of ``write_rows``."""
-    C = src.shape[1]
-    slots = slot_mapping[rows.long()].long()
-    cache[slots, col_offset : col_offset + C] = src.to(cache.dtype)
+def write_kv_rows_constexprs(layout: DareCacheLayout) -> dict:
+    return dict(K_OFFSET=layout.k_offset, V_OFFSET=layout.v_offset, WIDTH=layout.kv_width,
+                BLOCK=min(1024, triton.next_power_of_2(layout.kv_width)))
+
+
+def write_kv_rows_reference(k, v, rows, slot_mapping, cache, layout) -> None:
+    """Twin of ``write_kv_rows``."""
+    write_rows_reference(k, rows, slot_mapping, cache, layout.k_offset)
+    write_rows_reference(v, rows, slot_mapping, cache, layout.v_offset)
 
 
 # --------------------------------------------------------------------- predictor
 
 
 @triton.jit
-def _query_delta_kernel(
+def _decide_reuse_kernel(
     q_ptr, q_stride, slot_mapping_ptr, cache_ptr, cache_stride,
-    head_delta_ptr, token_delta_ptr, eps,
+    tau_kv_ptr, tau_o_ptr, flags_ptr, eps,
     QREF_OFFSET: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -239,35 +319,62 @@ def _query_delta_kernel(
                 other=0.0).to(tl.float32)
     diff = tl.sum((q - r) * (q - r), axis=1)  # [BLOCK_H]
     ref = tl.sum(r * r, axis=1)
-    tl.store(head_delta_ptr + token * NUM_HEADS + h, tl.sqrt(diff) / (tl.sqrt(ref) + eps),
-             mask=h_mask)
-    tl.store(token_delta_ptr + token,
-             tl.sqrt(tl.sum(diff, axis=0)) / (tl.sqrt(tl.sum(ref, axis=0)) + eps))
+    if PER_HEAD:
+        # deltas are >= 0, so padded heads (0) never win the max
+        delta = tl.max(tl.where(h_mask, tl.sqrt(diff) / (tl.sqrt(ref) + eps), 0.0), axis=0)
+    else:
+        delta = tl.sqrt(tl.sum(diff, axis=0)) / (tl.sqrt(tl.sum(ref, axis=0)) + eps)
+    reuse_kv = (delta <= tl.load(tau_kv_ptr + token)).to(tl.int8)
+    reuse_o = (delta <= tl.load(tau_o_ptr + token)).to(tl.int8)
+    tl.store(flags_ptr + token * 4 + 0, reuse_kv)
+    tl.store(flags_ptr + token * 4 + 1, reuse_o)
+    tl.store(flags_ptr + token * 4 + 2, (reuse_kv == 0).to(tl.int8))
+    tl.store(flags_ptr + token * 4 + 3, (reuse_o == 0).to(tl.int8))
 
 
-def query_delta(
+def decide_reuse(
     q: torch.Tensor,  # [T, num_heads * head_dim]
     slot_mapping: torch.Tensor,  # [T]
     cache: torch.Tensor,  # [num_slots, width]
     layout: DareCacheLayout,
+    tau_kv: torch.Tensor,  # float32 [T]; a token reuses its K/V when delta <= tau_kv
+    tau_o: torch.Tensor,  # float32 [T]; ... its O when delta <= tau_o
+    per_head: bool,
     eps: float = 1e-6,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-head [T, H], per-token [T]) relative L2 change against Q_ref, fp32."""
+) -> torch.Tensor:
+    """Bool ``[T, 4]``: K/V reused, O reused, K/V recomputed, O recomputed.
+
+    The delta is the relative L2 change of the token's query against its Q_ref,
+    over the whole row, or (``per_head``) the largest of the per-head changes.
+    A negative threshold never passes (deltas are >= 0; NaN passes none)."""
     T = q.shape[0]
-    head = torch.empty(T, layout.num_heads, dtype=torch.float32, device=q.device)
-    tok = torch.empty(T, dtype=torch.float32, device=q.device)
+    flags = torch.empty(T, 4, dtype=torch.int8, device=q.device)
     if T:
-        _query_delta_kernel[(T,)](
-            q, q.stride(0), slot_mapping, cache, cache.stride(0), head, tok, eps,
-            QREF_OFFSET=layout.qref_offset, NUM_HEADS=layout.num_heads,
-            BLOCK_H=triton.next_power_of_2(layout.num_heads), HEAD_DIM=layout.head_dim,
-            BLOCK_D=triton.next_power_of_2(layout.head_dim),
+        _decide_reuse_kernel[(T,)](
+            q, q.stride(0), slot_mapping, cache, cache.stride(0), tau_kv, tau_o, flags, eps,
+            **decide_reuse_constexprs(layout, per_head),
         )
-    return head, tok
+    return flags.view(torch.bool)
+
+
+def decide_reuse_constexprs(layout: DareCacheLayout, per_head: bool) -> dict:
+    return dict(QREF_OFFSET=layout.qref_offset, NUM_HEADS=layout.num_heads,
+                BLOCK_H=triton.next_power_of_2(layout.num_heads), HEAD_DIM=layout.head_dim,
+                BLOCK_D=triton.next_power_of_2(layout.head_dim), PER_HEAD=per_head)
+
+
+def decide_reuse_reference(q, slot_mapping, cache, layout, tau_kv, tau_o, per_head: bool,
+                           eps: float = 1e-6) -> torch.Tensor:
+    """Twin of ``decide_reuse``."""
+    head, tok = query_delta_reference(q, slot_mapping, cache, layout, eps)
+    delta = head.amax(dim=-1) if per_head else tok
+    reuse = torch.stack((delta <= tau_kv, delta <= tau_o), dim=1)
+    return torch.cat((reuse, ~reuse), dim=1)
 
 
 def query_delta_reference(q, slot_mapping, cache, layout, eps: float = 1e-6):
-    """Twin of ``query_delta``."""
+    """(per-head [T, H], per-token [T]) relative L2 change of the query against its
+    Q_ref, fp32."""
     T, H, D = q.shape[0], layout.num_heads, layout.head_dim
     ref = cache[slot_mapping.long(), layout.qref_offset : layout.qref_offset + H * D]
     qf, rf = q.float().view(T, H, D), ref.float().view(T, H, D)

@@ -1,0 +1,120 @@
+"""What one DARE layer step launches: PyTorch ops and Triton kernels per layer.
+
+On a GPU the DARE step is bound by the host at the sizes measured so far
+(docs/dare.md): after its data-dependent sync each layer launches its small ops
+and kernels one by one while the GPU waits. This counts them on the layer
+benchmark's step (``dare_attention.Stack``) with the Triton kernels, on any
+machine: ATen ops through a ``TorchDispatchMode``, Triton launches at the
+launcher (the kernels run under Triton's interpreter on CPU). View ops, which
+launch no work, are listed apart. The counts include the benchmark's own three
+projection matmuls (query, key/value, output).
+
+    .venv/bin/python benchmarks/dare_step_launches.py
+
+Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
+os.environ["VLLM_DARE_KERNELS"] = "triton"
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+import dare_attention  # noqa: E402
+
+VIEW_OPS = {"view", "slice", "permute", "select", "detach", "split_with_sizes", "t",
+            "transpose", "reshape", "as_strided", "_reshape_alias", "expand", "unsqueeze",
+            "squeeze", "alias", "_unsafe_view"}
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count_launches(counter: _Counter, launches: collections.Counter):
+    """Count Triton launches; the interpreter's own tensor work is not the step's."""
+    import triton.runtime.interpreter as interpreter
+
+    original = interpreter.InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        launches[self.fn.__name__] += 1
+        counter.paused = True
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            counter.paused = False
+
+    interpreter.InterpretedFunction.run = run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--reuse", type=float, nargs="+", default=[0.0, 0.87])
+    parser.add_argument("--out", default="benchmarks/results/dare_step_launches.json")
+    args = parser.parse_args()
+    if os.environ["TRITON_INTERPRET"] != "1" or torch.cuda.is_available():
+        raise SystemExit("runs on CPU under Triton's interpreter (counts, not times)")
+    stack_args = argparse.Namespace(shape="tiny", scope="attention", layers=1,
+                                    batch=args.batch, seq_len=args.seq_len, block_size=16,
+                                    dtype="float32", reps=1)
+    stack = dare_attention.Stack(stack_args, torch.device("cpu"), torch.float32)
+    counter, launches = _Counter(), collections.Counter()
+    _count_launches(counter, launches)
+    g = torch.Generator().manual_seed(0)
+    settings = {"DARE mode off": None}
+    for rate in args.reuse:
+        n = int(round(rate * stack.T))
+        settings[f"reuse on, {rate:.0%} reused"] = torch.randperm(stack.T, generator=g)[:n]
+    rows = []
+    for label, reuse_rows in settings.items():
+        stack.dare(stack.runtime(reuse_rows))  # first step: caches filled
+        runtime = stack.runtime(reuse_rows)
+        counter.ops.clear()
+        launches.clear()
+        with counter:
+            stack.dare(runtime)
+        work = {k: n for k, n in counter.ops.items() if k not in VIEW_OPS}
+        views = {k: n for k, n in counter.ops.items() if k in VIEW_OPS}
+        rows.append({"setting": label, "torch_ops": sum(work.values()),
+                     "triton_launches": sum(launches.values()),
+                     "launched": sum(work.values()) + sum(launches.values()),
+                     "view_ops": sum(views.values()), "ops": work,
+                     "kernels": dict(launches), "views": views})
+    print(f"One DARE layer step (Triton kernels), {args.batch} x {args.seq_len} tokens, "
+          f"counts per layer incl. 3 projection matmuls")
+    print(f"{'setting':<24} {'torch ops':>9} {'triton':>7} {'launched':>9} {'views':>6}")
+    for r in rows:
+        print(f"{r['setting']:<24} {r['torch_ops']:>9} {r['triton_launches']:>7} "
+              f"{r['launched']:>9} {r['view_ops']:>6}")
+        print(f"    {r['ops']} {r['kernels']}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "dare_step_launches", "batch": args.batch,
+                               "seq_len": args.seq_len, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
