@@ -173,6 +173,37 @@ def test_dream_reuse_runs_and_counts(engines, tiny_dream):
     assert all(o.kv_transfer_params["dare"]["kv_reused"] > 0 for o in outs)
 
 
+def test_triton_kernels_in_the_engine(engines, tiny_dream, monkeypatch):
+    """The engine with the Triton kernels (``VLLM_DARE_KERNELS=triton``; interpreted
+    on CPU, what a GPU compiles) on vLLM's own metadata (block tables, slot mapping,
+    query_start_loc): with nothing reused it equals the reference, and with reuse on
+    it makes the same decisions and tokens as the PyTorch ops the CPU build runs."""
+    ids = [engines.get(tiny_dream).get_tokenizer().encode(p) for p in PROMPTS]
+    extra = {"dllm_steps": 16, "dllm_alg": "entropy"}
+    torch_ops = _run(_dare(engines, tiny_dream, "kv+o", 0.05), ids, 16, extra)
+    engines.close()
+    monkeypatch.setenv("VLLM_DARE_KERNELS", "triton")
+    try:
+        llm = _dare(engines, tiny_dream, "kv+o", 0.05)
+        from vllm_dare.attention_backends import triton_dare_kernels
+
+        runtime = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model.dare_runtime
+        assert runtime.ops is triton_dare_kernels
+        ref = load_reference_model(tiny_dream)
+        off = _run(llm, ids, 16, {**extra, "dare_mode": "off"})
+        for prompt, out in zip(ids, off):
+            want = dream_generate(ref.logits, prompt, ref.spec.mask_token_id, 16, 16,
+                                  alg="entropy")
+            assert list(out.outputs[0].token_ids) == want
+        triton = _run(llm, ids, 16, extra)
+        for a, b in zip(torch_ops, triton):
+            assert list(b.outputs[0].token_ids) == list(a.outputs[0].token_ids)
+            assert b.kv_transfer_params["dare"] == a.kv_transfer_params["dare"]
+            assert b.kv_transfer_params["dare"]["kv_reused"] > 0
+    finally:
+        engines.close()  # not for the tests that want the PyTorch ops
+
+
 def test_dare_knobs_need_the_dare_backend(llada_engine):
     llm = llada_engine()
     with pytest.raises(VLLMValidationError, match="need the DARE attention backend"):
