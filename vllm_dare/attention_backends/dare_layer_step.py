@@ -147,7 +147,8 @@ def attend_all_rows(query, key, value, kv_cache, meta: DareMetadata, layout, sca
 
 
 # ``project_kv(rows)``: keys and values of the token rows ``rows`` selects (a tensor
-# of row ids, or ``slice(0, T)`` for every row), ``[R, kv_width]`` each.
+# of row ids, or ``slice(0, T)`` for every row), ``[R, kv_width]`` each, columns
+# contiguous (the row stride may be anything).
 ProjectKV = Callable[[torch.Tensor | slice], tuple[torch.Tensor, torch.Tensor]]
 ProjectO = Callable[[torch.Tensor], torch.Tensor]
 

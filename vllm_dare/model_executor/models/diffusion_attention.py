@@ -132,7 +132,7 @@ class DiffusionSelfAttention(nn.Module):
             kv, _ = self.kv_proj(x[rows])
             k, v = kv.split([self.kv_size, self.kv_size], dim=-1)
             k, _ = self._rope(positions[rows], k.contiguous(), None)
-            return k, v.contiguous()
+            return k, v  # a strided view: the cache write takes any row stride
 
         def project_o(attn_rows: torch.Tensor) -> torch.Tensor:
             out, _ = self.o_proj(attn_rows)
