@@ -4,6 +4,8 @@ request), and honours per-request overrides; bad DARE knobs are rejected."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
@@ -171,6 +173,87 @@ def test_dream_reuse_runs_and_counts(engines, tiny_dream):
     ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
     outs = _run(llm, ids, 16, {"dllm_steps": 16, "dllm_alg": "entropy"})
     assert all(o.kv_transfer_params["dare"]["kv_reused"] > 0 for o in outs)
+    # GQA with max_mode kv: per kv head a slot holds K, V and its query heads' Q_ref
+    # (no O), and serves mode kv as the full cache does.
+    extra = {"dllm_steps": 16, "dllm_alg": "entropy", "dare_mode": "kv"}
+    full_blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+    full = _run(llm, ids, 16, extra)
+    kv = engines.get(tiny_dream, attention_backend="dare",
+                     additional_config={"dare": {"max_mode": "kv", "tau_kv": 0.05}})
+    blocks = kv.llm_engine.vllm_config.cache_config.num_gpu_blocks
+    per_kv_head = {"kv+o": 2 + 2 * 2, "kv": 2 + 1 * 2}  # in head_dims; 2 queries per kv head
+    assert abs(blocks / full_blocks - per_kv_head["kv+o"] / per_kv_head["kv"]) < 0.01
+    for a, b in zip(full, _run(kv, ids, 16, extra)):
+        assert list(b.outputs[0].token_ids) == list(a.outputs[0].token_ids)
+        assert b.kv_transfer_params["dare"] == a.kv_transfer_params["dare"]
+
+
+def test_max_mode_sizes_the_cache_and_limits_requests(engines, tiny_llada):
+    """``max_mode`` kv keeps no O rows and ``off`` neither O nor Q_ref: the same
+    KV-cache memory holds more blocks, results are those of the full cache, and a
+    request for reuse the cache cannot hold is refused (the engine keeps serving)."""
+    from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
+
+    ref = load_reference_model(tiny_llada)
+    H, D = ref.spec.num_heads, ref.spec.head_dim
+    width = {m: DareCacheLayout.for_max_mode(H, H, D, m).width for m in ("kv+o", "kv", "off")}
+    assert width["kv+o"] > width["kv"] > width["off"] == 2 * H * D  # MHA
+    extra = {"dllm_steps": 16, "dllm_block_length": 8, "dare_mode": "kv"}
+
+    def run(llm, mode_extra):
+        ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
+        return ids, _run(llm, ids, 16, mode_extra)
+
+    full = _dare(engines, tiny_llada, "kv+o", 0.05)
+    full_blocks = full.llm_engine.vllm_config.cache_config.num_gpu_blocks
+    _, full_kv = run(full, extra)
+
+    kv = engines.get(tiny_llada, attention_backend="dare",
+                     additional_config={"dare": {"max_mode": "kv", "tau_kv": 0.05}})
+    blocks = kv.llm_engine.vllm_config.cache_config.num_gpu_blocks
+    assert abs(blocks / full_blocks - width["kv+o"] / width["kv"]) < 0.01, (blocks, full_blocks)
+    _, outs = run(kv, extra)
+    for a, b in zip(full_kv, outs):
+        assert list(b.outputs[0].token_ids) == list(a.outputs[0].token_ids)
+        assert b.kv_transfer_params["dare"] == a.kv_transfer_params["dare"]
+        assert b.kv_transfer_params["dare"]["kv_reused"] > 0
+    for mode in ("kv+o", "o"):
+        with pytest.raises(VLLMValidationError, match=f"dare mode '{re.escape(mode)}' needs a DARE cache "
+                           "this engine does not keep.*max_mode 'kv'.*modes off, kv"):
+            _run(kv, [[5, 6]], 8, {"dare_mode": mode})
+    assert kv.generate("hi", SamplingParams(max_tokens=8), use_tqdm=False)[0].outputs[0].token_ids
+
+    off = engines.get(tiny_llada, attention_backend="dare",
+                      additional_config={"dare": {"max_mode": "off"}})
+    blocks = off.llm_engine.vllm_config.cache_config.num_gpu_blocks
+    assert abs(blocks / full_blocks - width["kv+o"] / width["off"]) < 0.01, (blocks, full_blocks)
+    ids, outs = run(off, {"dllm_steps": 16, "dllm_block_length": 8})
+    for prompt, out in zip(ids, outs):
+        assert list(out.outputs[0].token_ids) == llada_generate(
+            ref.logits, prompt, ref.spec.mask_token_id, 16, 16, 8)
+        assert out.kv_transfer_params["dare"]["kv_reused"] == 0
+    with pytest.raises(VLLMValidationError, match="max_mode 'off', which serves modes off\\)"):
+        _run(off, [[5, 6]], 8, {"dare_mode": "kv"})
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"max_mode": "all"}, "dare max_mode must be one of off, kv, o, kv\\+o, got 'all'"),
+    ({"max_mode": "kv", "mode": "kv+o"}, "dare mode 'kv\\+o' needs a DARE cache"),
+    ({"max_mode": "off", "mode": "o"}, "max_mode 'off', which serves modes off\\)"),
+])
+def test_engine_max_mode_errors(config, message):
+    from vllm_dare.attention_backends.dare_settings import DareSettings
+
+    with pytest.raises(ValueError, match=message):
+        DareSettings.from_engine_config(config)
+
+
+def test_engine_mode_defaults_to_max_mode():
+    from vllm_dare.attention_backends.dare_settings import DareSettings
+
+    assert DareSettings.from_engine_config({"max_mode": "kv"}).mode == "kv"
+    assert DareSettings.from_engine_config({"max_mode": "kv", "mode": "off"}).mode == "off"
+    assert DareSettings.from_engine_config({}).max_mode == "kv+o"
 
 
 def test_triton_kernels_in_the_engine(engines, tiny_dream, monkeypatch):
@@ -178,9 +261,10 @@ def test_triton_kernels_in_the_engine(engines, tiny_dream, monkeypatch):
     on CPU, what a GPU compiles) on vLLM's own metadata (block tables, slot mapping,
     query_start_loc): with nothing reused it equals the reference, and with reuse on
     it makes the same decisions and tokens as the PyTorch ops the CPU build runs."""
-    ids = [engines.get(tiny_dream).get_tokenizer().encode(p) for p in PROMPTS]
+    llm = _dare(engines, tiny_dream, "kv+o", 0.05)
+    ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
     extra = {"dllm_steps": 16, "dllm_alg": "entropy"}
-    torch_ops = _run(_dare(engines, tiny_dream, "kv+o", 0.05), ids, 16, extra)
+    torch_ops = _run(llm, ids, 16, extra)
     engines.close()
     monkeypatch.setenv("VLLM_DARE_KERNELS", "triton")
     try:

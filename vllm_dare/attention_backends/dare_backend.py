@@ -1,8 +1,9 @@
 """The DARE attention backend (``--attention-backend dare``).
 
 Per layer it keeps, in vLLM's paged KV cache (sized and allocated by vLLM's KV cache
-manager through the layer's cache spec), four rows per token slot: K, V, the
-attention output O and the reference query Q_ref (``dare_cache_layout.py``). The
+manager through the layer's cache spec), up to four rows per token slot: K, V, the
+attention output O and the reference query Q_ref (``dare_cache_layout.py``; the
+engine's ``max_mode`` decides whether O and Q_ref are kept). The
 reuse decision and the skipped work live in ``dare_attention.py`` and the Triton
 kernels of ``triton_dare_kernels.py``.
 """
@@ -60,6 +61,10 @@ class DareMetadataBuilder(AttentionMetadataBuilder[DareMetadata]):
 
 
 class DareAttentionImpl(AttentionImpl):
+    # The cache rows besides K/V (set per backend class, ``dare_backend_for``).
+    has_o: ClassVar[bool] = True
+    has_qref: ClassVar[bool] = True
+
     """Plain forward (every row recomputed) for callers that hand over full
     Q/K/V through vLLM's ``Attention`` op. The models of this package call
     ``dare_attention.dare_self_attention`` instead, which can skip work."""
@@ -75,7 +80,8 @@ class DareAttentionImpl(AttentionImpl):
         self.head_size = head_size
         self.scale = scale
         self.num_kv_heads = num_kv_heads or num_heads
-        self.layout = DareCacheLayout(num_heads, self.num_kv_heads, head_size)
+        self.layout = DareCacheLayout(num_heads, self.num_kv_heads, head_size,
+                                      has_o=self.has_o, has_qref=self.has_qref)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output=None,
                 output_scale=None, output_block_scale=None):
@@ -93,9 +99,11 @@ class DareAttentionImpl(AttentionImpl):
 
 class DareAttentionBackend(AttentionBackend):
     """Backend for one query-to-KV head ratio (the cache rows hold O and Q_ref,
-    which have num_heads, not num_kv_heads, heads)."""
+    which have num_heads, not num_kv_heads, heads) and one set of cache rows."""
 
     queries_per_kv: ClassVar[int] = 1
+    has_o: ClassVar[bool] = True
+    has_qref: ClassVar[bool] = True
     accept_output_buffer: bool = True
     forward_includes_kv_cache_update: bool = True
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
@@ -105,9 +113,9 @@ class DareAttentionBackend(AttentionBackend):
     def get_name() -> str:
         return "CUSTOM"
 
-    @staticmethod
-    def get_impl_cls():
-        return DareAttentionImpl
+    @classmethod
+    def get_impl_cls(cls):
+        return _impl_for(cls.has_o, cls.has_qref)
 
     @staticmethod
     def get_builder_cls():
@@ -129,8 +137,9 @@ class DareAttentionBackend(AttentionBackend):
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
         # Per kv head and token: K and V (head_size each) plus this head's share
-        # of O and Q_ref (queries_per_kv * head_size each).
-        elements = 2 * spec.head_size * (1 + cls.queries_per_kv)
+        # of O and Q_ref, as far as they are kept (queries_per_kv * head_size each).
+        query_rows = int(cls.has_o) + int(cls.has_qref)
+        elements = spec.head_size * (2 + query_rows * cls.queries_per_kv)
         dtype_size = torch.tensor([], dtype=spec.dtype).element_size()
         return replace(spec, state_content_bytes=elements * dtype_size)
 
@@ -145,17 +154,40 @@ class DareAttentionBackend(AttentionBackend):
         ]
 
 
+# Backend class names say which rows the cache keeps besides K and V.
+_ROWS = {(True, True): "oq", (False, True): "q", (False, False): "kv"}
+
+
 @lru_cache(maxsize=None)
-def dare_backend_for(queries_per_kv: int) -> type[DareAttentionBackend]:
+def _impl_for(has_o: bool, has_qref: bool) -> type[DareAttentionImpl]:
+    return type(f"DareAttentionImpl_{_ROWS[has_o, has_qref]}", (DareAttentionImpl,),
+                {"has_o": has_o, "has_qref": has_qref, "__module__": __name__})
+
+
+@lru_cache(maxsize=None)
+def dare_backend_for(queries_per_kv: int, has_o: bool = True, has_qref: bool = True
+                     ) -> type[DareAttentionBackend]:
+    """The backend class of a layer (one class per head ratio and cache rows; its
+    name, which vLLM may pickle, resolves in any process through this module's
+    ``__getattr__``)."""
     return type(
-        f"DareAttentionBackend_{queries_per_kv}",
+        f"DareAttentionBackend_{queries_per_kv}_{_ROWS[has_o, has_qref]}",
         (DareAttentionBackend,),
-        {"queries_per_kv": queries_per_kv, "__module__": __name__},
+        {"queries_per_kv": queries_per_kv, "has_o": has_o, "has_qref": has_qref,
+         "__module__": __name__},
     )
 
 
 def __getattr__(name: str):
     prefix = "DareAttentionBackend_"
     if name.startswith(prefix):
-        return dare_backend_for(int(name[len(prefix):]))
+        ratio, _, rows = name[len(prefix):].partition("_")
+        flags = {v: k for k, v in _ROWS.items()}.get(rows or "oq")
+        if ratio.isdigit() and flags is not None:
+            return dare_backend_for(int(ratio), *flags)
+    prefix = "DareAttentionImpl_"
+    if name.startswith(prefix):
+        flags = {v: k for k, v in _ROWS.items()}.get(name[len(prefix):])
+        if flags is not None:
+            return _impl_for(*flags)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -56,9 +56,11 @@ class DareRuntime:
     step (per layer on the host, per token on the device, summed per request when
     asked)."""
 
-    def __init__(self, num_layers: int, per_head: bool, device: torch.device):
+    def __init__(self, num_layers: int, per_head: bool, device: torch.device,
+                 max_mode: str = "kv+o"):
         self.num_layers = num_layers
         self.per_head = per_head
+        self.max_mode = max_mode  # what the engine's requests may reuse: sizes the cache
         self.device = device
         self.step: DareStepInputs | None = None
         self.ops = dare_ops(device)
@@ -136,7 +138,8 @@ def attend_all_rows(query, key, value, kv_cache, meta: DareMetadata, layout, sca
     slots = meta.slot_mapping
     ops.write_kv_rows(key[:T].reshape(T, layout.kv_width),
                       value[:T].reshape(T, layout.kv_width), rows, slots, cache, layout)
-    ops.write_rows(q, rows, slots, cache, layout.qref_offset)
+    if layout.has_qref:
+        ops.write_rows(q, rows, slots, cache, layout.qref_offset)
     out = torch.empty(T, layout.num_heads, layout.head_dim, dtype=query.dtype, device=query.device)
     block_size = cache.shape[0] // kv_cache.shape[0]
     ops.paged_attention_rows(q.view(T, layout.num_heads, layout.head_dim), cache, layout,
@@ -195,8 +198,11 @@ def dare_attention_step(
             ref_rows = torch.where(step.kv_is_reference, flags[:, 2], flags[:, 3])
             ref_rows = ref_rows.nonzero().view(-1)
 
-    keeps_reference = step is None or step.keeps_reference
-    keeps_o = step is None or step.keeps_o
+    # Without step inputs (warm-up) every row the cache keeps is written; with them,
+    # what the batch's requests read later (a request reusing rows this cache does
+    # not keep is refused at admission, so asking for them here raises).
+    keeps_reference = layout.has_qref if step is None else step.keeps_reference
+    keeps_o = layout.has_o if step is None else step.keeps_o
     slots = meta.slot_mapping
 
     # K/V projection of the recomputed rows only (all of them: the input as it is).

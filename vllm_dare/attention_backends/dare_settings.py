@@ -16,6 +16,10 @@ per-request overrides (``SamplingParams.extra_args``: ``dare_mode``, ``dare_tau_
   candidates the previous step ranked most confident (0: all of them).
 * ``per_head`` (engine only) -- use the largest per-head delta instead of the
   delta over all heads of the token.
+* ``max_mode`` (engine only) -- the most any request of this engine may reuse, which
+  sizes its cache: ``kv+o`` (default; K, V, O and Q_ref rows: every mode), ``kv``
+  (K, V, Q_ref: modes off and kv), ``o`` (modes off and o; same rows as kv+o),
+  ``off`` (K and V only, as much KV-cache capacity as the exact path).
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ MODES = ("off", "kv", "o", "kv+o")
 REQUEST_KEYS = ("dare_mode", "dare_tau_kv", "dare_tau_o", "dare_refresh_interval",
                 "dare_recompute_candidates", "dare_candidate_limit")
 ENGINE_KEYS = ("mode", "tau_kv", "tau_o", "refresh_interval", "refresh_at_block_start",
-               "recompute_candidates", "candidate_limit", "per_head")
+               "recompute_candidates", "candidate_limit", "per_head", "max_mode")
+# The modes an engine of each max_mode serves.
+ALLOWED_MODES = {"kv+o": MODES, "kv": ("off", "kv"), "o": ("off", "o"), "off": ("off",)}
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class DareSettings:
     recompute_candidates: bool = False
     candidate_limit: int = 0
     per_head: bool = False
+    max_mode: str = "kv+o"
 
     @property
     def reuses_kv(self) -> bool:
@@ -53,8 +60,17 @@ class DareSettings:
         return self.mode in ("o", "kv+o") and self.tau_o > 0
 
     def check(self) -> DareSettings:
+        if self.max_mode not in MODES:
+            raise ValueError(f"dare max_mode must be one of {', '.join(MODES)}, got "
+                             f"{self.max_mode!r}")
         if self.mode not in MODES:
             raise ValueError(f"dare mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode not in ALLOWED_MODES[self.max_mode]:
+            raise ValueError(
+                f"dare mode {self.mode!r} needs a DARE cache this engine does not keep "
+                f"(started with max_mode {self.max_mode!r}, which serves modes "
+                f"{', '.join(ALLOWED_MODES[self.max_mode])})"
+            )
         for name in ("tau_kv", "tau_o"):
             value = getattr(self, name)
             if (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -80,6 +96,8 @@ class DareSettings:
     @classmethod
     def from_engine_config(cls, raw: dict[str, Any] | None) -> DareSettings:
         raw = dict(raw or {})
+        if "max_mode" in raw and "mode" not in raw:
+            raw["mode"] = raw["max_mode"]  # the default mode: the most the cache allows
         unknown = set(raw) - set(ENGINE_KEYS)
         if unknown:
             raise ValueError(

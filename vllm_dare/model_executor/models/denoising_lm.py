@@ -22,7 +22,8 @@ def make_dare_runtime(vllm_config: VllmConfig, num_layers: int) -> DareRuntime |
     if raw is None:
         return None
     settings = DareSettings(**raw)
-    return DareRuntime(num_layers, settings.per_head, vllm_config.device_config.device)
+    return DareRuntime(num_layers, settings.per_head, vllm_config.device_config.device,
+                       max_mode=settings.max_mode)
 
 
 class DenoisingLM(nn.Module):

@@ -99,8 +99,10 @@ class DiffusionSelfAttention(nn.Module):
         )
         backend = None
         if dare_runtime is not None:
-            backend = dare_backend_for(self.num_heads // self.num_kv_heads)
-            self.layout = DareCacheLayout(self.num_heads, self.num_kv_heads, self.head_dim)
+            self.layout = DareCacheLayout.for_max_mode(
+                self.num_heads, self.num_kv_heads, self.head_dim, dare_runtime.max_mode)
+            backend = dare_backend_for(self.num_heads // self.num_kv_heads,
+                                       self.layout.has_o, self.layout.has_qref)
         self.attn = Attention(
             self.num_heads, self.head_dim, self.scale, num_kv_heads=self.num_kv_heads,
             cache_config=cache_config, quant_config=quant_config,
