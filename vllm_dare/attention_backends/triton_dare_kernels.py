@@ -194,6 +194,16 @@ def paged_attention_rows_reference(
 
 
 @triton.jit
+def _copy_row(src_ptr, dst_ptr, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+    """Copy WIDTH contiguous elements, converted to the destination's dtype."""
+    for start in range(0, WIDTH, BLOCK):
+        c = start + tl.arange(0, BLOCK)
+        m = c < WIDTH
+        x = tl.load(src_ptr + c, mask=m)
+        tl.store(dst_ptr + c, x.to(dst_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _write_rows_kernel(
     src_ptr, src_stride, rows_ptr, slot_mapping_ptr, cache_ptr, cache_stride,
     col_offset, WIDTH: tl.constexpr, BLOCK: tl.constexpr, SRC_BY_TOKEN: tl.constexpr,
@@ -205,12 +215,8 @@ def _write_rows_kernel(
         src_row = token
     else:
         src_row = i
-    for start in range(0, WIDTH, BLOCK):
-        c = start + tl.arange(0, BLOCK)
-        m = c < WIDTH
-        x = tl.load(src_ptr + src_row * src_stride + c, mask=m)
-        tl.store(cache_ptr + slot * cache_stride + col_offset + c,
-                 x.to(cache_ptr.dtype.element_ty), mask=m)
+    _copy_row(src_ptr + src_row * src_stride, cache_ptr + slot * cache_stride + col_offset,
+              WIDTH, BLOCK)
 
 
 def write_rows(
@@ -257,15 +263,8 @@ def _write_kv_rows_kernel(
     i = tl.program_id(0).to(tl.int64)
     token = tl.load(rows_ptr + i).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    for start in range(0, WIDTH, BLOCK):
-        c = start + tl.arange(0, BLOCK)
-        m = c < WIDTH
-        k = tl.load(k_ptr + i * k_stride + c, mask=m)
-        tl.store(cache_ptr + slot * cache_stride + K_OFFSET + c,
-                 k.to(cache_ptr.dtype.element_ty), mask=m)
-        v = tl.load(v_ptr + i * v_stride + c, mask=m)
-        tl.store(cache_ptr + slot * cache_stride + V_OFFSET + c,
-                 v.to(cache_ptr.dtype.element_ty), mask=m)
+    _copy_row(k_ptr + i * k_stride, cache_ptr + slot * cache_stride + K_OFFSET, WIDTH, BLOCK)
+    _copy_row(v_ptr + i * v_stride, cache_ptr + slot * cache_stride + V_OFFSET, WIDTH, BLOCK)
 
 
 def write_kv_rows(
