@@ -1,6 +1,6 @@
-"""The DARE Triton kernels compile for an H100 (sm_90) with Triton's real GPU
-compiler, on this machine, GPU or not: the interpreter the other kernel tests use
-on CPU accepts code the compiler rejects."""
+"""The DARE Triton kernels compile for an A100 (sm_80) and an H100 (sm_90) with
+Triton's real GPU compiler, on this machine, GPU or not: the interpreter the other
+kernel tests use on CPU accepts code the compiler rejects."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _compile(tmp_path, arch: int) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("arch", [90])
+@pytest.mark.parametrize("arch", [80, 90])  # A100, H100/H200
 def test_every_kernel_compiles_for_the_gpu(tmp_path, arch):
     result = _compile(tmp_path, arch)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
