@@ -100,8 +100,8 @@ class Layer:
         return dare_attention_step(self.meta, self.cache, BLOCK, 0, self.runtime, self.layout,
                                    D**-0.5, q, project_kv, project_o)
 
-    def dense(self) -> torch.Tensor:
-        """Exact bidirectional attention + output projection of every token."""
+    def dense(self, project: bool = True) -> torch.Tensor:
+        """Exact bidirectional attention (+ output projection) of every token."""
         outs, start = [], 0
         for n in SEQ_LENS:
             x = self.x[start : start + n]
@@ -111,7 +111,8 @@ class Layer:
             k = k.reshape(n, HKV, D).transpose(0, 1).repeat_interleave(H // HKV, 0)
             v = v.reshape(n, HKV, D).transpose(0, 1).repeat_interleave(H // HKV, 0)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=False)
-            outs.append(o.transpose(0, 1).reshape(n, H * D) @ self.w_o.T)
+            o = o.transpose(0, 1).reshape(n, H * D)
+            outs.append(o @ self.w_o.T if project else o)
         return torch.cat(outs)
 
 
@@ -196,3 +197,33 @@ def test_batch_that_keeps_no_dare_state_writes_only_k_and_v_and_projects_its_inp
         if keeps[1]:
             torch.testing.assert_close(after[:, o], out, **TOL)
         assert layer.kv_rows == [slice(0, layer.T)]
+
+
+@OPS
+@pytest.mark.parametrize("max_mode", ["kv+o", "kv", "off"])
+def test_attend_all_rows_through_vllms_cache_view(ops, max_mode, monkeypatch):
+    """The backend's plain forward (``DareAttentionImpl``: full Q/K/V handed over
+    through vLLM's ``Attention`` op) on a cache in vLLM's logical
+    ``[blocks, kv_heads, block_size, C]`` view: dense attention of every row, K/V
+    (and Q_ref where kept) written at the tokens' slots."""
+    from vllm_dare.attention_backends.dare_layer_step import attend_all_rows
+
+    monkeypatch.setenv("VLLM_DARE_KERNELS", "torch" if ops is torch_dare_ops else "triton")
+    layer = Layer(ops)
+    layout = DareCacheLayout.for_max_mode(H, HKV, D, max_mode)
+    # Token-major storage, handed over as vLLM's permuted logical view.
+    storage = torch.zeros(4, BLOCK, HKV, layout.width // HKV, device=DEVICE)
+    kv_cache = storage.permute(0, 2, 1, 3)
+    T = layer.T
+    q = (layer.x @ layer.w_q.T).view(T, H, D)
+    kv = layer.x @ layer.w_kv.T
+    k, v = kv[:, : HKV * D].reshape(T, HKV, D), kv[:, HKV * D :].reshape(T, HKV, D)
+    out = attend_all_rows(q, k, v, kv_cache, layer.meta, layout, D**-0.5)
+    torch.testing.assert_close(out.reshape(T, H * D), layer.dense(project=False), **TOL)
+    rows = storage.reshape(4 * BLOCK, layout.width)[layer.meta.slot_mapping]
+    torch.testing.assert_close(rows[:, : HKV * D], k.reshape(T, -1), rtol=0, atol=0)
+    torch.testing.assert_close(rows[:, HKV * D : 2 * HKV * D], v.reshape(T, -1), rtol=0, atol=0)
+    if layout.has_qref:
+        qref = rows[:, layout.qref_offset : layout.qref_offset + H * D]
+        torch.testing.assert_close(qref, q.reshape(T, -1), rtol=0, atol=0)
+    assert rows.shape[1] == 2 * HKV * D + layout.query_rows * H * D
