@@ -40,7 +40,10 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
-from vllm_dare.attention_backends.dare_settings import fixed_engine_settings_arg  # noqa: E402
+from vllm_dare.attention_backends.dare_settings import (  # noqa: E402
+    ALLOWED_MODES,
+    fixed_engine_settings_arg,
+)
 
 DEFAULT_MODES = [
     "exact", "exact:steps/2",
@@ -272,6 +275,12 @@ def evaluate(args, engine_for=None) -> dict:
     modes = [parse_mode(m) for m in args.modes]
     if not modes or modes[0].name != "exact":
         modes = [parse_mode("exact")] + [m for m in modes if m.name != "exact"]
+    max_mode = args.dare_engine_config.get("max_mode", "kv+o")
+    for m in modes:
+        if m.engine == "dare" and m.extra_args["dare_mode"] not in ALLOWED_MODES[max_mode]:
+            raise SystemExit(f"mode {m.name!r} needs a DARE cache that --dare-engine-config's "
+                             f"max_mode {max_mode!r} does not keep (it serves "
+                             f"{', '.join(ALLOWED_MODES[max_mode])})")
     family = family_of(args.model)
     tasks = args.tasks or list(TASKS)
     for task in tasks:
@@ -288,7 +297,8 @@ def evaluate(args, engine_for=None) -> dict:
     def build(engine: str):
         kwargs = {} if engine == "exact" else dict(
             attention_backend="dare",
-            additional_config={"dare": {"mode": "kv+o", "tau_kv": 0.0, "tau_o": 0.0,
+            # the engine's default mode: the most its cache allows (requests set theirs)
+            additional_config={"dare": {"mode": max_mode, "tau_kv": 0.0, "tau_o": 0.0,
                                         **args.dare_engine_config}},
         )
         if engine_for is not None:

@@ -216,6 +216,24 @@ def test_harness_mode_options_become_request_knobs():
     assert "dare_candidate_limit" not in parse("dare-o:0.1,candidates").extra_args
 
 
+def test_max_mode_must_serve_the_modes_measured(capsys):
+    """A ``max_mode`` in ``--dare-engine-config`` that cannot serve a mode the harness
+    sweeps or the calibration tool calibrates is an error before any engine starts."""
+    from vllm_dare.tools import calibrate_dare
+
+    with pytest.raises(SystemExit, match="mode 'dare-o:0.05' needs a DARE cache that "
+                       "--dare-engine-config's max_mode 'kv' does not keep"):
+        _load_harness().main(["--dare-engine-config", '{"max_mode": "kv"}',
+                              "--modes", "exact", "dare-kv:0.05", "dare-o:0.05"])
+    sys_argv = ["calibrate_dare", "--model", "m", "--mode", "kv+o",
+                "--dare-engine-config", '{"max_mode": "kv"}']
+    with pytest.raises(SystemExit), pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.argv", sys_argv)
+        calibrate_dare.main()
+    assert "--mode kv+o with --dare-engine-config: dare mode 'kv+o' needs a DARE cache" in (
+        capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("config,message", [
     ('{"mode": "kv"}', "must not set mode"),
     ('[1]', "must be a JSON object"),

@@ -20,7 +20,7 @@ import platform
 import time
 from pathlib import Path
 
-from vllm_dare.attention_backends.dare_settings import fixed_engine_settings_arg
+from vllm_dare.attention_backends.dare_settings import DareSettings, fixed_engine_settings_arg
 
 
 def _task_prompts(tokenizer, n: int):
@@ -144,6 +144,10 @@ def main() -> None:
                         help="other engine-level DARE settings to calibrate under and "
                              "write, e.g. '{\"refresh_at_block_start\": false}'")
     args = parser.parse_args()
+    try:  # the mode calibrated must be one the engine's cache (max_mode) serves
+        DareSettings.from_engine_config({**args.dare_engine_config, "mode": args.mode})
+    except ValueError as e:
+        parser.error(f"--mode {args.mode} with --dare-engine-config: {e}")
     report = calibrate(args)
     print(f"{'tau':>6} {'kv reuse':>9} {'o reuse':>8} {'agree':>7} {'acc':>6} {'exact acc':>9}")
     for r in report["rows"]:
