@@ -186,3 +186,30 @@ def test_request_figures_cross_processes_through_the_channel(tmp_path, monkeypat
     request_stats.clear_channel(mine)
     assert request_stats.take(req_id, other) == {"dllm": {"forwards": 2}}
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("max_mode", ["kv+o", "kv", "off"])
+@pytest.mark.parametrize("queries_per_kv", [1, 7])
+def test_dare_backend_classes_pickle_to_themselves(max_mode, queries_per_kv):
+    """vLLM may pickle a layer's backend class (and its impl class) into another
+    process; the name must resolve there to the same class, whose cache spec asks for
+    exactly the rows of its layout."""
+    import pickle
+
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from vllm_dare.attention_backends.dare_backend import dare_backend_for
+    from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
+
+    layout = DareCacheLayout.for_max_mode(4 * queries_per_kv, 4, 64, max_mode)
+    backend = dare_backend_for(queries_per_kv, layout.has_o, layout.has_qref)
+    assert pickle.loads(pickle.dumps(backend)) is backend
+    assert pickle.loads(pickle.dumps(backend.get_impl_cls())) is backend.get_impl_cls()
+    assert dare_backend_for(queries_per_kv, layout.has_o, layout.has_qref) is backend
+    if max_mode == "kv+o":  # the defaults name the same class
+        assert dare_backend_for(queries_per_kv) is backend
+        assert pickle.loads(pickle.dumps(dare_backend_for(queries_per_kv))) is backend
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=4, head_size=64,
+                             dtype=torch.bfloat16)
+    per_slot = backend.customize_spec(spec).state_content_bytes * spec.num_kv_heads
+    assert per_slot == layout.width * 2  # bf16

@@ -164,12 +164,17 @@ def _impl_for(has_o: bool, has_qref: bool) -> type[DareAttentionImpl]:
                 {"has_o": has_o, "has_qref": has_qref, "__module__": __name__})
 
 
-@lru_cache(maxsize=None)
 def dare_backend_for(queries_per_kv: int, has_o: bool = True, has_qref: bool = True
                      ) -> type[DareAttentionBackend]:
     """The backend class of a layer (one class per head ratio and cache rows; its
     name, which vLLM may pickle, resolves in any process through this module's
     ``__getattr__``)."""
+    return _backend_class(int(queries_per_kv), bool(has_o), bool(has_qref))
+
+
+@lru_cache(maxsize=None)
+def _backend_class(queries_per_kv: int, has_o: bool, has_qref: bool
+                   ) -> type[DareAttentionBackend]:
     return type(
         f"DareAttentionBackend_{queries_per_kv}_{_ROWS[has_o, has_qref]}",
         (DareAttentionBackend,),
