@@ -41,7 +41,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 from vllm_dare.attention_backends.dare_settings import (  # noqa: E402
-    ALLOWED_MODES,
+    DareSettings,
     fixed_engine_settings_arg,
 )
 
@@ -275,12 +275,16 @@ def evaluate(args, engine_for=None) -> dict:
     modes = [parse_mode(m) for m in args.modes]
     if not modes or modes[0].name != "exact":
         modes = [parse_mode("exact")] + [m for m in modes if m.name != "exact"]
-    max_mode = args.dare_engine_config.get("max_mode", "kv+o")
+    # Every DARE mode measured must be one the engine's cache (max_mode) serves;
+    # the engine's default mode is the most it serves (each request sets its own).
     for m in modes:
-        if m.engine == "dare" and m.extra_args["dare_mode"] not in ALLOWED_MODES[max_mode]:
-            raise SystemExit(f"mode {m.name!r} needs a DARE cache that --dare-engine-config's "
-                             f"max_mode {max_mode!r} does not keep (it serves "
-                             f"{', '.join(ALLOWED_MODES[max_mode])})")
+        if m.engine == "dare":
+            try:
+                DareSettings.from_engine_config(
+                    {**args.dare_engine_config, "mode": m.extra_args["dare_mode"]})
+            except ValueError as e:
+                raise SystemExit(f"mode {m.name!r} with --dare-engine-config: {e}") from None
+    engine_mode = DareSettings.from_engine_config(args.dare_engine_config).mode
     family = family_of(args.model)
     tasks = args.tasks or list(TASKS)
     for task in tasks:
@@ -297,8 +301,7 @@ def evaluate(args, engine_for=None) -> dict:
     def build(engine: str):
         kwargs = {} if engine == "exact" else dict(
             attention_backend="dare",
-            # the engine's default mode: the most its cache allows (requests set theirs)
-            additional_config={"dare": {"mode": max_mode, "tau_kv": 0.0, "tau_o": 0.0,
+            additional_config={"dare": {"mode": engine_mode, "tau_kv": 0.0, "tau_o": 0.0,
                                         **args.dare_engine_config}},
         )
         if engine_for is not None:

@@ -221,8 +221,8 @@ def test_max_mode_must_serve_the_modes_measured(capsys):
     sweeps or the calibration tool calibrates is an error before any engine starts."""
     from vllm_dare.tools import calibrate_dare
 
-    with pytest.raises(SystemExit, match="mode 'dare-o:0.05' needs a DARE cache that "
-                       "--dare-engine-config's max_mode 'kv' does not keep"):
+    with pytest.raises(SystemExit, match="mode 'dare-o:0.05' with --dare-engine-config: "
+                       "dare mode 'o' needs a DARE cache this engine does not keep"):
         _load_harness().main(["--dare-engine-config", '{"max_mode": "kv"}',
                               "--modes", "exact", "dare-kv:0.05", "dare-o:0.05"])
     sys_argv = ["calibrate_dare", "--model", "m", "--mode", "kv+o",
