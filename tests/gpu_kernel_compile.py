@@ -49,11 +49,24 @@ def variants():
                     out_ptr=f"*{dt}", out_stride_t="i32", out_stride_h="i32", scale="fp32"),
                     k.paged_attention_constexprs(layout, block_size, rows, dtype),
                     f"{name} {dt} block {block_size}")
-            for width, by_token in [(layout.q_width, True), (layout.q_width, False)]:
+            for by_token, counted in [(True, True), (False, False)]:
                 yield (k._write_rows_kernel, dict(
-                    src_ptr=f"*{dt}", src_stride="i32", rows_ptr="*i64", slot_mapping_ptr="*i64",
-                    cache_ptr=f"*{dt}", cache_stride="i32", col_offset="i32"),
-                    k.write_rows_constexprs(width, by_token), f"{name} {dt}")
+                    src_ptr=f"*{dt}", src_stride="i32", rows_ptr="*i64", count_ptr="*i32",
+                    slot_mapping_ptr="*i64", cache_ptr=f"*{dt}", cache_stride="i32",
+                    col_offset="i32"),
+                    k.write_rows_constexprs(layout.q_width, by_token, counted), f"{name} {dt}")
+            if dtype != torch.float32 or name == "dream-7b":  # fp32 dots compile slowly
+                # K/V projection into the cache (bias: Dream; RoPE table in fp32 or the
+                # model dtype), output projection to the layer output and O slots.
+                for rope_dt, bias in [("fp32", name == "dream-7b"), (dt, False)]:
+                    yield (k._project_rows_kernel, _project_args(dt, rope_dt, bias, False),
+                           k.project_rows_constexprs(layout.q_width, head_dim, dtype, kv_heads,
+                                                     bias, out_at_slot=True, has_out2=False),
+                           f"{name} {dt} K/V, rope {rope_dt}")
+                yield (k._project_rows_kernel, _project_args(dt, dt, False, True),
+                       k.project_rows_constexprs(layout.q_width, head_dim, dtype, 0, False,
+                                                 out_at_slot=False, has_out2=True),
+                       f"{name} {dt} O")
             yield (k._write_kv_rows_kernel, dict(
                 k_ptr=f"*{dt}", k_stride="i32", v_ptr=f"*{dt}", v_stride="i32", rows_ptr="*i64",
                 slot_mapping_ptr="*i64", cache_ptr=f"*{dt}", cache_stride="i32"),
@@ -64,6 +77,22 @@ def variants():
                     cache_stride="i32", tau_kv_ptr="*fp32", tau_o_ptr="*fp32", flags_ptr="*i8",
                     eps="fp32"),
                     k.decide_reuse_constexprs(layout, per_head), f"{name} {dt}")
+
+    yield (k._select_rows_kernel, dict(
+        flags_ptr="*i8", kv_is_reference_ptr="*i8", query_start_loc_ptr="*i32", num_reqs="i32",
+        num_tokens="i32", rows_ptr="*i64", req_row_start_ptr="*i32", counts_ptr="*i32"),
+        k.select_rows_constexprs(), "any layout")
+
+
+def _project_args(dt: str, rope_dt: str, bias: bool, out2: bool) -> dict:
+    """Argument types of ``_project_rows_kernel`` as ``project_rows`` passes them
+    (the row list stands in for pointers a variant never reads)."""
+    return dict(
+        x_ptr=f"*{dt}", x_stride="i32", w_ptr=f"*{dt}", w_stride="i32",
+        bias_ptr=f"*{dt}" if bias else "*i64", rows_ptr="*i64", count_ptr="*i32",
+        slot_mapping_ptr="*i64", positions_ptr="*i64", cos_sin_ptr=f"*{rope_dt}",
+        cos_sin_stride="i32", out_ptr=f"*{dt}", out_stride="i32", out_col="i32",
+        out2_ptr=f"*{dt}" if out2 else "*i64", out2_stride="i32", out2_col="i32")
 
 
 def main() -> int:

@@ -15,7 +15,9 @@ from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
 from vllm_dare.attention_backends.triton_dare_kernels import (
     decide_reuse_reference,
     paged_attention_rows_reference,
+    project_rows_reference,
     query_delta_reference,
+    select_rows_reference,
     write_kv_rows_reference,
     write_rows_reference,
 )
@@ -243,3 +245,130 @@ def test_decide_reuse_matches_twin(impl, heads, per_head):
     assert flags[2:5, :2].all() and not flags[0, 0] and not flags[1, 1]
     # Both outcomes occur: the thresholds split the tokens.
     assert 0 < int(flags[5:, 0].sum()) < T - 5 and 0 < int(flags[5:, 1].sum()) < T - 5
+
+
+def _flags(T, g, kind):
+    """decide_reuse-shaped flags: reuse columns, then their negation."""
+    if kind == "all":  # every row recomputed
+        reuse = torch.zeros(T, 2, dtype=torch.bool)
+    elif kind == "none":  # every row reused
+        reuse = torch.ones(T, 2, dtype=torch.bool)
+    else:
+        reuse = torch.rand(T, 2, generator=g) < 0.7
+    return torch.cat((reuse, ~reuse), dim=1).to(DEVICE)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["none", "all", "random"])
+@pytest.mark.parametrize("num_lists", [2, 3])
+def test_select_rows_matches_twin(impl, kind, num_lists):
+    """Row lists on the device: selected tokens first in token order, then zeros;
+    per-request starts; the counts written to the given buffer. Requests of
+    lengths 0 (none selected from an empty request) to 1100 (more than one scan
+    block)."""
+    g = torch.Generator().manual_seed(5)
+    lengths = [7, 1100, 0, 1, 33]
+    T = sum(lengths)
+    qsl = torch.tensor([0] + lengths).cumsum(0).to(torch.int32).to(DEVICE)
+    flags = _flags(T, g, kind)
+    kv_ref = (torch.rand(T, generator=g) < 0.5).to(DEVICE)
+    got_counts = torch.full((3,), -1, dtype=torch.int32, device=DEVICE)
+    want_counts = got_counts.clone()
+    rows, starts = IMPLS[impl].select_rows(flags, kv_ref, qsl, num_lists, got_counts)
+    want_rows, want_starts = select_rows_reference(flags.cpu(), kv_ref.cpu(), qsl.cpu(),
+                                                   num_lists, want_counts)
+    assert torch.equal(rows.cpu(), want_rows) and torch.equal(starts.cpu(), want_starts)
+    assert torch.equal(got_counts.cpu(), want_counts.cpu())
+    # the twin itself: list 1 is the O-recomputed tokens, the tail zeros
+    n = int(want_counts[1])
+    assert torch.equal(want_rows[1, :n], flags[:, 3].cpu().nonzero().view(-1))
+    assert (want_rows[1, n:] == 0).all() and int(want_starts[1, -1]) == n
+    if num_lists == 2:
+        assert int(got_counts[2]) == -1  # the third list was not asked for
+    if kind == "random":
+        assert 0 < n < T
+
+
+def _rope_table(max_position, head_dim, g):
+    angles = torch.rand(max_position, head_dim // 2, generator=g) * 6.3
+    return torch.cat((angles.cos(), angles.sin()), dim=-1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("heads,dtype", [((8, 2, 64), torch.float32), ((4, 4, 128), torch.float32),
+                                         ((4, 2, 64), torch.bfloat16), ((2, 1, 24), torch.float32)])
+@pytest.mark.parametrize("kind", ["none", "all", "random"])
+def test_project_rows_into_the_cache_matches_twin(impl, heads, dtype, kind):
+    """The K/V projection of the listed rows with bias and rotary embedding of the
+    keys, stored at the rows' slots; the slots of unlisted rows keep their values.
+    Head dim 24: a half that is no power of two (padded tiles)."""
+    H, Hkv, D = heads
+    layout = DareCacheLayout(H, Hkv, D)
+    g = torch.Generator().manual_seed(H * D)
+    cache, _, slot_mapping, _, g = _batch([21, 45], 16, layout, seed=H + D, dtype=dtype)
+    T, hidden = 66, H * D
+    x = torch.randn(T, hidden, generator=g).to(dtype).to(DEVICE)
+    w = (torch.randn(2 * Hkv * D, hidden, generator=g) / hidden**0.5).to(dtype).to(DEVICE)
+    b = torch.randn(2 * Hkv * D, generator=g).to(dtype).to(DEVICE)
+    positions = torch.cat([torch.arange(21), torch.arange(45)]).to(DEVICE)
+    cos_sin = _rope_table(64, D, g).to(DEVICE)
+    flags = _flags(T, g, kind)
+    counts = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+    lists, _ = torch_dare_ops.select_rows(flags, flags[:, 0], torch.tensor([0, 21, T]), 2, counts)
+    rows = lists[0]
+    got, want = cache.clone(), cache.clone()
+    args = (x, w, b, rows, counts[0:1], D)
+    kwargs = dict(slot_mapping=slot_mapping, out_at_slot=True, positions=positions,
+                  cos_sin_cache=cos_sin, rope_heads=Hkv)
+    IMPLS[impl].project_rows(*args, got, layout.k_offset, **kwargs)
+    project_rows_reference(*args, want, layout.k_offset, **kwargs)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    n = int(counts[0])
+    listed = torch.zeros(T, dtype=torch.bool, device=DEVICE)
+    listed[rows[:n]] = True
+    assert torch.equal(got[slot_mapping[~listed]], cache[slot_mapping[~listed]])
+    if n:
+        # the twin itself: values are the plain projection; keys rotate pairs
+        # (d, d + D/2), which keeps each pair's norm
+        t = int(rows[0])
+        y = (x[t].float() @ w.float().T + b.float())
+        stored = want[slot_mapping[t], : 2 * Hkv * D].float()
+        torch.testing.assert_close(stored[Hkv * D :], y[Hkv * D :], **tol)
+        pair = lambda v: (v.view(Hkv, 2, D // 2) ** 2).sum(1)  # noqa: E731
+        torch.testing.assert_close(pair(stored[: Hkv * D]), pair(y[: Hkv * D]), **tol)
+        assert not torch.allclose(stored[: Hkv * D], y[: Hkv * D], **tol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["none", "all", "random"])
+def test_project_rows_to_tokens_and_cache_and_counted_writes_match_twins(impl, kind):
+    """The output projection of the listed rows (no bias, no rotary embedding) to
+    the layer output's token rows and their O slots; ``write_rows`` of the first
+    ``count`` listed rows."""
+    layout = DareCacheLayout(8, 2, 64)
+    cache, _, slot_mapping, _, g = _batch([13, 40, 7], 32, layout, seed=6)
+    T, hidden = 60, 8 * 64
+    attn = torch.randn(T, layout.q_width, generator=g).to(DEVICE)
+    w = (torch.randn(hidden, layout.q_width, generator=g) / hidden**0.5).to(DEVICE)
+    flags = _flags(T, g, kind)
+    counts = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+    lists, _ = torch_dare_ops.select_rows(flags, flags[:, 0],
+                                          torch.tensor([0, 13, 53, T]), 2, counts)
+    rows = lists[1]
+    out = torch.full((T, hidden), 7.0, device=DEVICE)
+    got, want = (out.clone(), cache.clone()), (out.clone(), cache.clone())
+    for impl_fn, (o, c) in [(IMPLS[impl].project_rows, got), (project_rows_reference, want)]:
+        impl_fn(attn, w, None, rows, counts[1:2], 64, o, slot_mapping=slot_mapping,
+                out2=c, out2_col=layout.o_offset)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    n = int(counts[1])
+    assert int((want[0] != 7.0).any(dim=1).sum()) == n  # only the listed rows written
+    q = torch.randn(T, layout.q_width, generator=g).to(DEVICE)
+    got, want = cache.clone(), cache.clone()
+    IMPLS[impl].write_rows(q, rows, slot_mapping, got, layout.qref_offset,
+                           src_by_token=True, count=counts[1:2])
+    write_rows_reference(q, rows[:n], slot_mapping, want, layout.qref_offset,
+                         src_by_token=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

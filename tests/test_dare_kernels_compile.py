@@ -30,7 +30,8 @@ def test_every_kernel_compiles_for_the_gpu(tmp_path, arch):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     kernels = {name for name in dir(triton_dare_kernels)
                if name.startswith("_") and name.endswith("_kernel")}
-    assert len(kernels) == 4, kernels
-    for name in kernels:  # every kernel of the module, each in several variants
-        assert result.stdout.count(f"ok sm_{arch} {name} ") >= 3, (name, result.stdout)
+    assert len(kernels) == 6, kernels
+    for name in kernels:  # every kernel of the module, most in several variants
+        least = 1 if name == "_select_rows_kernel" else 3
+        assert result.stdout.count(f"ok sm_{arch} {name} ") >= least, (name, result.stdout)
     assert "FAILED" not in result.stdout

@@ -17,6 +17,11 @@ def paged_attention_rows(
     block_size: int, scale: float, max_rows_per_req: int | None = None,
     req_row_start: torch.Tensor | None = None,
 ) -> None:
+    if req_row_start is not None:  # the rows it covers (a select_rows list is padded)
+        per_req = req_row_start.long().diff()
+        row_req = torch.repeat_interleave(
+            torch.arange(per_req.numel(), device=per_req.device), per_req)
+        row_token = row_token[: row_req.numel()]
     if row_token.numel() == 0:
         return
     D, H, Hkv = layout.head_dim, layout.num_heads, layout.num_kv_heads
@@ -53,7 +58,10 @@ def paged_attention_rows(
 
 
 def write_rows(src, rows, slot_mapping, cache, col_offset: int,
-               src_by_token: bool = False) -> None:
+               src_by_token: bool = False, count: torch.Tensor | None = None) -> None:
+    if count is not None:
+        rows = rows[: int(count)]
+        src = src if src_by_token else src[: rows.numel()]
     if rows.numel() == 0:
         return
     rows = rows.long()
@@ -86,3 +94,39 @@ def decide_reuse(q, slot_mapping, cache, layout: DareCacheLayout, tau_kv, tau_o,
         delta = diff.sum(-1).sqrt() / (norm.sum(-1).sqrt() + eps)
     reuse = torch.stack((delta <= tau_kv, delta <= tau_o), dim=1)
     return torch.cat((reuse, ~reuse), dim=1)
+
+
+def select_rows(flags, kv_is_reference, query_start_loc, num_lists: int, counts):
+    T = flags.shape[0]
+    picks = torch.stack((flags[:, 2], flags[:, 3],
+                         torch.where(kv_is_reference, flags[:, 2], flags[:, 3]))[:num_lists])
+    prefix = torch.nn.functional.pad(torch.cumsum(picks, dim=1, dtype=torch.int32), (1, 0))
+    req_row_start = prefix[:, query_start_loc.long()]
+    counts[:num_lists] = prefix[:, -1]
+    # The selected tokens first, in token order (a stable sort on "not selected").
+    rows = torch.sort((~picks).to(torch.uint8), dim=1, stable=True).indices
+    rows.masked_fill_(torch.arange(T, device=flags.device) >= prefix[:, -1:], 0)
+    return rows, req_row_start
+
+
+def project_rows(x, weight, bias, rows, count, head_dim: int, out, out_col: int = 0,
+                 slot_mapping=None, out_at_slot: bool = False, out2=None, out2_col: int = 0,
+                 positions=None, cos_sin_cache=None, rope_heads: int = 0) -> None:
+    if slot_mapping is None and (out_at_slot or out2 is not None):
+        raise ValueError("project_rows: a cache output is addressed through slot_mapping")
+    rows = rows[: int(count)]
+    if rows.numel() == 0:
+        return
+    y = torch.nn.functional.linear(x.index_select(0, rows), weight, bias)
+    if rope_heads:
+        n, half, width = rows.numel(), head_dim // 2, rope_heads * head_dim
+        cos, sin = cos_sin_cache.index_select(0, positions[rows]).float().view(
+            n, 1, 2, half).unbind(2)
+        lo, hi = y[:, :width].float().view(n, rope_heads, 2, half).unbind(2)
+        rotated = torch.stack((lo * cos - hi * sin, hi * cos + lo * sin), dim=2)
+        y[:, :width] = rotated.view(n, width).to(y.dtype)
+    n_out = y.shape[1]
+    slots = slot_mapping.index_select(0, rows) if slot_mapping is not None else None
+    out[slots if out_at_slot else rows, out_col : out_col + n_out] = y.to(out.dtype)
+    if out2 is not None:
+        out2[slots, out2_col : out2_col + n_out] = y.to(out2.dtype)

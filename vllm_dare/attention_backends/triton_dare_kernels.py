@@ -10,6 +10,16 @@
   against its cached Q_ref, ``||q - Q_ref|| / (||Q_ref|| + eps)`` (over the whole
   row, or the largest over heads), compared with the token's thresholds; it emits
   the reuse and recompute flags the layer step selects its rows from.
+* ``select_rows`` -- the row lists of a step (K/V, O, Q_ref recomputed) and their
+  lengths, compacted on the device: the host never learns how many rows there are.
+* ``project_rows`` -- a linear projection of the listed rows only, with bias and
+  rotary embedding of the keys in its epilogue, stored straight into the cache
+  slots (K/V) or the layer output and its O slots: tiles past the list's length
+  return at once.
+
+``write_rows``, ``paged_attention_rows`` and ``project_rows`` take lists padded to
+every token with their length on the device, so a layer step that reuses rows
+launches all its work without waiting for the GPU.
 
 The twins (``*_reference``) define the semantics and are the kernels' test oracle.
 The kernels also run on CPU tensors in Triton's interpreter (the tests do that);
@@ -113,7 +123,8 @@ def paged_attention_rows(
     block_table: torch.Tensor,  # [num_reqs, max_blocks] int32
     seq_lens: torch.Tensor,  # [num_reqs] int32
     row_token: torch.Tensor,  # [R] token index of each computed row
-    row_req: torch.Tensor,  # [R] int32 request of each computed row, non-decreasing
+    row_req: torch.Tensor | None,  # [R] request of each row, non-decreasing (or None
+    # with req_row_start)
     out: torch.Tensor,  # [T, num_heads, head_dim]; only rows row_token are written
     block_size: int,
     scale: float,
@@ -126,7 +137,9 @@ def paged_attention_rows(
     order (``row_req`` non-decreasing), as the DARE layer step hands them.
     ``req_row_start`` ([num_reqs + 1], optional) is where each request's rows
     start in the selection; the caller that has it (every row selected: the batch's
-    ``query_start_loc``) saves its computation from ``row_req``.
+    ``query_start_loc``; a ``select_rows`` list) saves its computation from
+    ``row_req``, and only the first ``req_row_start[num_reqs]`` rows are computed
+    (a ``select_rows`` list is padded to every token).
 
     ``max_rows_per_req`` bounds the rows of one request (e.g. the batch's longest
     query; default R) and sizes the grid without a host sync: programs past their
@@ -168,12 +181,22 @@ def paged_attention_constexprs(layout: DareCacheLayout, block_size: int, rows: i
     )
 
 
+def _listed_rows(row_token, req_row_start):
+    """The rows ``req_row_start`` covers, and the request of each."""
+    per_req = req_row_start.long().diff()
+    row_req = torch.repeat_interleave(torch.arange(per_req.numel(), device=per_req.device),
+                                      per_req)
+    return row_token[: row_req.numel()], row_req
+
+
 def paged_attention_rows_reference(
     q, cache, layout, block_table, seq_lens, row_token, row_req, out, block_size, scale,
     max_rows_per_req: int | None = None, req_row_start: torch.Tensor | None = None,
 ) -> None:
     """Twin of ``paged_attention_rows`` (``max_rows_per_req`` is only a grid bound
     there, ``req_row_start`` a precomputed function of ``row_req``)."""
+    if req_row_start is not None:
+        row_token, row_req = _listed_rows(row_token, req_row_start)
     D, Hkv = layout.head_dim, layout.num_kv_heads
     group = layout.num_heads // Hkv
     for token, req in zip(row_token.tolist(), row_req.tolist()):
@@ -205,10 +228,14 @@ def _copy_row(src_ptr, dst_ptr, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _write_rows_kernel(
-    src_ptr, src_stride, rows_ptr, slot_mapping_ptr, cache_ptr, cache_stride,
+    src_ptr, src_stride, rows_ptr, count_ptr, slot_mapping_ptr, cache_ptr, cache_stride,
     col_offset, WIDTH: tl.constexpr, BLOCK: tl.constexpr, SRC_BY_TOKEN: tl.constexpr,
+    COUNTED: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
+    if COUNTED:
+        if i >= tl.load(count_ptr):
+            return
     token = tl.load(rows_ptr + i).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if SRC_BY_TOKEN:
@@ -226,27 +253,36 @@ def write_rows(
     cache: torch.Tensor,  # [num_slots, width]
     col_offset: int,
     src_by_token: bool = False,
+    count: torch.Tensor | None = None,
 ) -> None:
     """Write row ``i`` of ``src`` (``src[rows[i]]`` with ``src_by_token``: a tensor
     of every token, no gather needed) at token ``rows[i]``'s slot, columns
-    ``col_offset:col_offset + C``."""
+    ``col_offset:col_offset + C``. With ``count`` (int32 [1] on the device, as
+    ``select_rows`` leaves it) only the first ``count`` entries of ``rows`` are
+    written: the launch covers them all and the rest return at once, so the host
+    never needs to know how many there are."""
     R = rows.shape[0]
     if R == 0:
         return
     _write_rows_kernel[(R,)](
-        src, src.stride(0), rows, slot_mapping, cache, cache.stride(0), col_offset,
-        **write_rows_constexprs(src.shape[1], src_by_token),
+        src, src.stride(0), rows, rows if count is None else count, slot_mapping, cache,
+        cache.stride(0), col_offset,
+        **write_rows_constexprs(src.shape[1], src_by_token, count is not None),
     )
 
 
-def write_rows_constexprs(width: int, src_by_token: bool) -> dict:
+def write_rows_constexprs(width: int, src_by_token: bool, counted: bool = False) -> dict:
     return dict(WIDTH=width, BLOCK=min(1024, triton.next_power_of_2(width)),
-                SRC_BY_TOKEN=src_by_token)
+                SRC_BY_TOKEN=src_by_token, COUNTED=counted)
 
 
 def write_rows_reference(src, rows, slot_mapping, cache, col_offset,
-                         src_by_token: bool = False) -> None:
+                         src_by_token: bool = False,
+                         count: torch.Tensor | None = None) -> None:
     """Twin of ``write_rows``."""
+    if count is not None:
+        rows = rows[: int(count)]
+        src = src if src_by_token else src[: int(count)]
     C = src.shape[1]
     slots = slot_mapping[rows.long()].long()
     cache[slots, col_offset : col_offset + C] = (
@@ -382,3 +418,254 @@ def query_delta_reference(q, slot_mapping, cache, layout, eps: float = 1e-6):
     head = diff.sqrt() / (norm.sqrt() + eps)
     tok = diff.sum(-1).sqrt() / (norm.sum(-1).sqrt() + eps)
     return head, tok
+
+
+# --------------------------------------------------------------------- row lists
+
+
+@triton.jit
+def _select_rows_kernel(
+    flags_ptr, kv_is_reference_ptr, query_start_loc_ptr, num_reqs, num_tokens,
+    rows_ptr, req_row_start_ptr, counts_ptr, BLOCK: tl.constexpr,
+):
+    # One program per list: 0 = K/V recomputed (flag column 2), 1 = O recomputed
+    # (column 3), 2 = Q_ref rewritten (column 2 where the token's request reuses
+    # K/V, else 3). A scan over the batch's tokens, request by request.
+    which = tl.program_id(0)
+    rows_ptr += which.to(tl.int64) * num_tokens
+    req_row_start_ptr += which * (num_reqs + 1)
+    carry = tl.zeros([], dtype=tl.int32)
+    for b in range(0, num_reqs):
+        tl.store(req_row_start_ptr + b, carry)
+        end = tl.load(query_start_loc_ptr + b + 1)
+        for start in range(tl.load(query_start_loc_ptr + b), end, BLOCK):
+            t = start + tl.arange(0, BLOCK)
+            valid = t < end
+            col = tl.zeros([BLOCK], dtype=tl.int32) + which + 2
+            if which == 2:
+                by_kv = tl.load(kv_is_reference_ptr + t, mask=valid, other=0) != 0
+                col = tl.where(by_kv, 2, 3)
+            f = tl.load(flags_ptr + t.to(tl.int64) * 4 + col, mask=valid, other=0)
+            f = (f != 0).to(tl.int32)
+            at = carry + tl.cumsum(f, axis=0) - 1
+            tl.store(rows_ptr + at, t.to(tl.int64), mask=f != 0)
+            carry += tl.sum(f, axis=0)
+    tl.store(req_row_start_ptr + num_reqs, carry)
+    tl.store(counts_ptr + which, carry)
+    for start in range(carry, num_tokens, BLOCK):  # the rest: 0, a valid token id
+        t = start + tl.arange(0, BLOCK)
+        tl.store(rows_ptr + t, tl.zeros([BLOCK], dtype=tl.int64), mask=t < num_tokens)
+
+
+def select_rows(
+    flags: torch.Tensor,  # bool [T, 4] from ``decide_reuse``
+    kv_is_reference: torch.Tensor,  # bool [T]: the token's Q_ref follows its K/V
+    query_start_loc: torch.Tensor,  # [num_reqs + 1], the batch's
+    num_lists: int,  # 2: K/V and O recomputed; 3: and the Q_ref rows
+    counts: torch.Tensor,  # int32 [>= num_lists], written: rows in each list
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row lists of a step, on the device with no host sync: ``(rows [num_lists,
+    T] int64, req_row_start [num_lists, num_reqs + 1] int32)``. List ``l`` holds,
+    first, the ``counts[l]`` selected tokens in token order (so grouped by request),
+    then zeros; ``req_row_start[l, b]`` is where request ``b``'s tokens start in
+    it (``req_row_start[l, num_reqs] == counts[l]``), as ``paged_attention_rows``
+    takes it."""
+    T = flags.shape[0]
+    num_reqs = query_start_loc.shape[0] - 1
+    rows = torch.empty(num_lists, T, dtype=torch.int64, device=flags.device)
+    req_row_start = torch.empty(num_lists, num_reqs + 1, dtype=torch.int32,
+                                device=flags.device)
+    _select_rows_kernel[(num_lists,)](
+        flags.view(torch.int8), kv_is_reference.view(torch.int8), query_start_loc, num_reqs,
+        T, rows, req_row_start, counts, **select_rows_constexprs())
+    return rows, req_row_start
+
+
+def select_rows_constexprs() -> dict:
+    return dict(BLOCK=1024)
+
+
+def select_rows_reference(flags, kv_is_reference, query_start_loc, num_lists, counts):
+    """Twin of ``select_rows``."""
+    T = flags.shape[0]
+    num_reqs = query_start_loc.shape[0] - 1
+    picks = [flags[:, 2], flags[:, 3],
+             torch.where(kv_is_reference, flags[:, 2], flags[:, 3])][:num_lists]
+    rows = torch.zeros(num_lists, T, dtype=torch.int64, device=flags.device)
+    starts = torch.zeros(num_lists, num_reqs + 1, dtype=torch.int32, device=flags.device)
+    for which, pick in enumerate(picks):
+        chosen = [t for t in range(T) if bool(pick[t])]
+        rows[which, : len(chosen)] = torch.tensor(chosen, dtype=torch.int64)
+        counts[which] = len(chosen)
+        for b in range(num_reqs + 1):
+            starts[which, b] = sum(1 for t in chosen if t < int(query_start_loc[b]))
+    return rows, starts
+
+
+# --------------------------------------------------------------------- projections
+
+
+@triton.jit
+def _project_rows_kernel(
+    x_ptr, x_stride, w_ptr, w_stride, bias_ptr,
+    rows_ptr, count_ptr, slot_mapping_ptr,
+    positions_ptr, cos_sin_ptr, cos_sin_stride,
+    out_ptr, out_stride, out_col, out2_ptr, out2_stride, out2_col,
+    IN_FEATURES: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    ROPE_HEADS: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_AT_SLOT: tl.constexpr, HAS_OUT2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # One program per (tile of BLOCK_M listed rows, output head of 2 * HALF
+    # columns). The head is computed as its two halves, so that rotary embedding
+    # (rotate-half, as LLaDA and Dream use it) can pair them in the epilogue.
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    count = tl.load(count_ptr)
+    if tile * BLOCK_M >= count:  # fewer rows were selected
+        return
+    m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = m < count
+    token = tl.load(rows_ptr + m, mask=m_valid, other=0).to(tl.int64)
+    j = tl.arange(0, BLOCK_HALF)
+    j_valid = j < HALF
+    n_lo = (head * (2 * HALF) + j).to(tl.int64)
+    n_hi = n_lo + HALF
+    acc_lo = tl.zeros([BLOCK_M, BLOCK_HALF], dtype=tl.float32)
+    acc_hi = tl.zeros([BLOCK_M, BLOCK_HALF], dtype=tl.float32)
+    for k0 in range(0, IN_FEATURES, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_valid = k < IN_FEATURES
+        a = tl.load(x_ptr + token[:, None] * x_stride + k[None, :],
+                    mask=m_valid[:, None] & k_valid[None, :], other=0.0)
+        w_mask = k_valid[:, None] & j_valid[None, :]
+        w_lo = tl.load(w_ptr + n_lo[None, :] * w_stride + k[:, None], mask=w_mask, other=0.0)
+        w_hi = tl.load(w_ptr + n_hi[None, :] * w_stride + k[:, None], mask=w_mask, other=0.0)
+        if FP32_DOT:
+            a = a.to(tl.float32)
+            w_lo = w_lo.to(tl.float32)
+            w_hi = w_hi.to(tl.float32)
+        acc_lo = tl.dot(a, w_lo, acc_lo, input_precision=DOT_PRECISION)
+        acc_hi = tl.dot(a, w_hi, acc_hi, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc_lo += tl.load(bias_ptr + n_lo, mask=j_valid, other=0.0).to(tl.float32)[None, :]
+        acc_hi += tl.load(bias_ptr + n_hi, mask=j_valid, other=0.0).to(tl.float32)[None, :]
+    if ROPE_HEADS > 0:
+        if head < ROPE_HEADS:
+            pos = tl.load(positions_ptr + token, mask=m_valid, other=0).to(tl.int64)
+            cs_mask = m_valid[:, None] & j_valid[None, :]
+            cs = cos_sin_ptr + pos[:, None] * cos_sin_stride + j[None, :]
+            cos = tl.load(cs, mask=cs_mask, other=0.0).to(tl.float32)
+            sin = tl.load(cs + HALF, mask=cs_mask, other=0.0).to(tl.float32)
+            rot_lo = acc_lo * cos - acc_hi * sin
+            rot_hi = acc_hi * cos + acc_lo * sin
+            acc_lo = rot_lo
+            acc_hi = rot_hi
+    out_mask = m_valid[:, None] & j_valid[None, :]
+    if OUT_AT_SLOT or HAS_OUT2:
+        slot = tl.load(slot_mapping_ptr + token, mask=m_valid, other=0).to(tl.int64)
+    if OUT_AT_SLOT:
+        dst = out_ptr + slot[:, None] * out_stride + out_col
+    else:
+        dst = out_ptr + token[:, None] * out_stride + out_col
+    cols = head * (2 * HALF) + j[None, :]
+    tl.store(dst + cols, acc_lo.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(dst + cols + HALF, acc_hi.to(out_ptr.dtype.element_ty), mask=out_mask)
+    if HAS_OUT2:
+        dst2 = out2_ptr + slot[:, None] * out2_stride + out2_col + cols
+        tl.store(dst2, acc_lo.to(out2_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(dst2 + HALF, acc_hi.to(out2_ptr.dtype.element_ty), mask=out_mask)
+
+
+def project_rows(
+    x: torch.Tensor,  # [T, in], row t the input of token t (columns contiguous)
+    weight: torch.Tensor,  # [out, in] (an ``nn.Linear`` weight), out a multiple of head_dim
+    bias: torch.Tensor | None,  # [out]
+    rows: torch.Tensor,  # int64 [T]: the listed tokens (``select_rows``)
+    count: torch.Tensor,  # int32 [1] on the device: how many of ``rows`` to compute
+    head_dim: int,
+    out: torch.Tensor,  # written at row ``rows[i]`` (or its slot), columns out_col..
+    out_col: int = 0,
+    slot_mapping: torch.Tensor | None = None,  # [T] slot of each token
+    out_at_slot: bool = False,  # ``out`` is a cache: row ``slot_mapping[rows[i]]``
+    out2: torch.Tensor | None = None,  # a cache also written, at the rows' slots
+    out2_col: int = 0,
+    positions: torch.Tensor | None = None,  # [T], with rope
+    cos_sin_cache: torch.Tensor | None = None,  # [max_position, head_dim]: cos | sin
+    rope_heads: int = 0,  # rotary embedding on the first rope_heads heads of the output
+) -> None:
+    """``y_i = x[rows[i]] @ weight.T + bias`` for the first ``count`` listed rows
+    only, then (``rope_heads``) neox rotary embedding of the leading heads at the
+    rows' positions, stored straight to ``out`` (and ``out2``): the K/V projection
+    of the recomputed tokens writes their cache slots with no intermediate tensor,
+    the output projection of the recomputed rows writes the layer's output rows and
+    their O cache slots. The grid covers every row of the list, and tiles past
+    ``count`` return at once: no host sync. Products on the tensor cores in the
+    weights' dtype (IEEE fp32 for fp32) with fp32 accumulation; bias and rotary
+    embedding on the fp32 accumulator, one rounding at the store."""
+    T = rows.shape[0]
+    n_out = weight.shape[0]
+    if T == 0:
+        return
+    if n_out % head_dim or head_dim % 2:
+        raise ValueError(f"project_rows: {n_out} outputs are not whole heads of {head_dim}")
+    if slot_mapping is None and (out_at_slot or out2 is not None):
+        raise ValueError("project_rows: a cache output is addressed through slot_mapping")
+    if rope_heads and (positions is None or cos_sin_cache is None):
+        raise ValueError("project_rows: rope_heads needs positions and cos_sin_cache")
+    meta = project_rows_constexprs(x.shape[1], head_dim, weight.dtype, rope_heads,
+                                   bias is not None,
+                                   out_at_slot=out_at_slot,
+                                   has_out2=out2 is not None)
+    grid = (triton.cdiv(T, meta["BLOCK_M"]), n_out // head_dim)
+    dummy = rows  # for pointers a variant never reads
+    _project_rows_kernel[grid](
+        x, x.stride(0), weight, weight.stride(0), dummy if bias is None else bias,
+        rows, count, dummy if slot_mapping is None else slot_mapping,
+        dummy if positions is None else positions,
+        dummy if cos_sin_cache is None else cos_sin_cache,
+        0 if cos_sin_cache is None else cos_sin_cache.stride(0),
+        out, out.stride(0), out_col,
+        dummy if out2 is None else out2, 0 if out2 is None else out2.stride(0), out2_col,
+        **meta,
+    )
+
+
+def project_rows_constexprs(in_features: int, head_dim: int, dtype: torch.dtype,
+                            rope_heads: int, has_bias: bool,
+                            out_at_slot: bool, has_out2: bool) -> dict:
+    """The compile-time parameters ``project_rows`` launches its kernel with. Tile
+    sizes are untuned (no GPU to tune on): 64 rows x one head, 64-deep K steps
+    (32 rows and 32-deep for fp32, which doubles the shared memory per stage)."""
+    fp32 = dtype == torch.float32
+    half = head_dim // 2
+    return dict(
+        IN_FEATURES=in_features, HALF=half, BLOCK_HALF=max(16, triton.next_power_of_2(half)),
+        ROPE_HEADS=rope_heads, HAS_BIAS=has_bias,
+        OUT_AT_SLOT=out_at_slot, HAS_OUT2=has_out2,
+        BLOCK_M=32 if fp32 else 64, BLOCK_K=32 if fp32 else 64,
+        FP32_DOT=fp32 or _interpreted(), DOT_PRECISION="ieee" if fp32 else "tf32",
+    )
+
+
+def project_rows_reference(x, weight, bias, rows, count, head_dim, out, out_col=0,
+                           slot_mapping=None, out_at_slot=False, out2=None, out2_col=0,
+                           positions=None, cos_sin_cache=None, rope_heads=0) -> None:
+    """Twin of ``project_rows``, in fp32, one row at a time."""
+    half = head_dim // 2
+    for i in range(int(count)):
+        token = int(rows[i])
+        src = x[token].float()
+        y = weight.float() @ src + (0 if bias is None else bias.float())
+        if rope_heads:
+            cos_sin = cos_sin_cache[int(positions[token])].float()
+            cos, sin = cos_sin[:half], cos_sin[half:]
+            heads = y[: rope_heads * head_dim].view(rope_heads, 2, half)
+            lo, hi = heads[:, 0].clone(), heads[:, 1].clone()
+            heads[:, 0] = lo * cos - hi * sin
+            heads[:, 1] = hi * cos + lo * sin
+        row = int(slot_mapping[token]) if out_at_slot else token
+        out[row, out_col : out_col + y.shape[0]] = y.to(out.dtype)
+        if out2 is not None:
+            slot = int(slot_mapping[token])
+            out2[slot, out2_col : out2_col + y.shape[0]] = y.to(out2.dtype)
