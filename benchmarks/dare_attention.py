@@ -51,6 +51,7 @@ from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
 from vllm_dare.attention_backends.dare_layer_step import (
     DareRuntime,
     DareStepInputs,
+    DareProjections,
     dare_attention_step,
 )
 from vllm_dare.attention_backends.dare_metadata import DareMetadata
@@ -165,9 +166,10 @@ class Stack:
                 k, v = (h[rows] @ w["kv"].T).split([Hkv * D, Hkv * D], dim=-1)
                 return k, v
 
+            proj = DareProjections(project_kv, lambda o, w=w: o @ w["o"].T, h, w["kv"], None,
+                                   w["o"])
             attn = dare_attention_step(self.meta, self.caches[i], self.bs, i, runtime,
-                                       self.layout, self.scale, h @ w["q"].T, project_kv,
-                                       lambda o, w=w: o @ w["o"].T)
+                                       self.layout, self.scale, h @ w["q"].T, proj)
             x = self._mlp(x + attn, w) if self.mlp else attn
         return x
 

@@ -6,8 +6,14 @@ and kernels one by one while the GPU waits. This counts them on the layer
 benchmark's step (``dare_attention.Stack``) with the Triton kernels, on any
 machine: ATen ops through a ``TorchDispatchMode``, Triton launches at the
 launcher (the kernels run under Triton's interpreter on CPU). View ops, which
-launch no work, are listed apart. The counts include the benchmark's own three
-projection matmuls (query, key/value, output).
+launch no work, are listed apart. The counts include the benchmark's own
+projection matmuls where the step calls them (query always; key/value and output
+when every row is recomputed, the recomputed-rows kernel otherwise).
+
+Host syncs: ATen ops whose result the host must read back from the device before
+it can go on (``SYNC_OPS``: a scalar read, ``nonzero``'s data-dependent size, ...).
+Each one stops the host from queueing work until the GPU has caught up. The
+per-step sync of ``DareRuntime.begin_step`` is outside the layer and not counted.
 
     .venv/bin/python benchmarks/dare_step_launches.py
 
@@ -36,6 +42,10 @@ import dare_attention  # noqa: E402
 VIEW_OPS = {"view", "slice", "permute", "select", "detach", "split_with_sizes", "t",
             "transpose", "reshape", "as_strided", "_reshape_alias", "expand", "unsqueeze",
             "squeeze", "alias", "_unsafe_view"}
+
+
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "is_nonzero", "masked_select", "item",
+            "repeat_interleave", "_unique2", "unique_consecutive", "equal"}
 
 
 class _Counter(TorchDispatchMode):
@@ -100,14 +110,17 @@ def main() -> None:
         rows.append({"setting": label, "torch_ops": sum(work.values()),
                      "triton_launches": sum(launches.values()),
                      "launched": sum(work.values()) + sum(launches.values()),
-                     "view_ops": sum(views.values()), "ops": work,
+                     "view_ops": sum(views.values()),
+                     "host_syncs": sum(n for k, n in work.items() if k in SYNC_OPS),
+                     "ops": work,
                      "kernels": dict(launches), "views": views})
     print(f"One DARE layer step (Triton kernels), {args.batch} x {args.seq_len} tokens, "
-          f"counts per layer incl. 3 projection matmuls")
-    print(f"{'setting':<24} {'torch ops':>9} {'triton':>7} {'launched':>9} {'views':>6}")
+          f"counts per layer incl. the projections")
+    print(f"{'setting':<24} {'torch ops':>9} {'triton':>7} {'launched':>9} {'syncs':>6} "
+          f"{'views':>6}")
     for r in rows:
         print(f"{r['setting']:<24} {r['torch_ops']:>9} {r['triton_launches']:>7} "
-              f"{r['launched']:>9} {r['view_ops']:>6}")
+              f"{r['launched']:>9} {r['host_syncs']:>6} {r['view_ops']:>6}")
         print(f"    {r['ops']} {r['kernels']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from vllm_dare.attention_backends import torch_dare_ops, triton_dare_kernels
 
 from vllm_dare.attention_backends.dare_layer_step import (
+    DareProjections,
     DareRuntime,
     DareStepInputs,
     dare_attention_step,
@@ -30,8 +31,46 @@ OPS = pytest.mark.parametrize("ops", [torch_dare_ops, triton_dare_kernels],
                               ids=["torch", "triton"])
 
 
+def _rope_cache(max_position: int) -> torch.Tensor:
+    """cos | sin of rotate-half rotary embedding, as vLLM's ``cos_sin_cache``."""
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
+    freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """x [n, heads * D] rotated at the rows' cos | sin [n, D]."""
+    n = x.shape[0]
+    x = x.view(n, -1, D)
+    lo, hi = x[..., : D // 2], x[..., D // 2 :]
+    cos, sin = cos_sin[:, None, : D // 2], cos_sin[:, None, D // 2 :]
+    return torch.cat((lo * cos - hi * sin, hi * cos + lo * sin), dim=-1).view(n, -1)
+
+
+class _RecordingOps:
+    """The kernel set, recording how many rows each ``project_rows`` computes."""
+
+    def __init__(self, ops, layer):
+        self._ops, self._layer = ops, layer
+        self.sync_meter = None  # a meter of host syncs that the recording's read is not
+
+    def __getattr__(self, name):
+        return getattr(self._ops, name)
+
+    def project_rows(self, x, weight, bias, rows, count, *args, **kwargs):
+        calls = self._layer.kv_calls if weight is self._layer.w_kv else self._layer.o_calls
+        if self.sync_meter is not None:
+            self.sync_meter.paused = True
+        calls.append(int(count))
+        if self.sync_meter is not None:
+            self.sync_meter.paused = False
+        return self._ops.project_rows(x, weight, bias, rows, count, *args, **kwargs)
+
+
 class Layer:
-    """Random projections and a paged batch of two requests."""
+    """Random projections (keys with rotary embedding) and a paged batch of two
+    requests. ``kv_calls`` / ``o_calls``: the rows each K/V and output projection
+    computed, through the model's layers or the recomputed-rows kernel."""
 
     def __init__(self, ops):
         g = torch.Generator().manual_seed(0)
@@ -63,8 +102,13 @@ class Layer:
             k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v
             for k, v in vars(self.meta).items()
         })
+        self.positions = torch.cat([torch.arange(n) for n in SEQ_LENS]).to(DEVICE)
+        self.cos_sin = _rope_cache(max(SEQ_LENS)).to(DEVICE)
         self.runtime = DareRuntime(1, per_head=False, device=DEVICE)
-        self.runtime.ops = ops
+        self.runtime.ops = _RecordingOps(ops, self)
+        # False: no plain weights (vLLM's CPU build): selected rows go through the
+        # model's layers
+        self.plain_weights = True
         self.kv_calls: list[int] = []
         self.kv_rows: list = []
         self.o_calls: list[int] = []
@@ -86,19 +130,25 @@ class Layer:
             t = torch.full((self.T,), tau, device=DEVICE)
             self.runtime.begin_step(DareStepInputs(force, t, t, torch.ones_like(force), True), 2)
 
+        q = self.x @ self.w_q.T
+        return dare_attention_step(self.meta, self.cache, BLOCK, 0, self.runtime, self.layout,
+                                   D**-0.5, q, self.projections())
+
+    def projections(self) -> DareProjections:
         def project_kv(rows):
             self.kv_rows.append(rows)
             self.kv_calls.append(self.x[rows].shape[0])
             kv = self.x[rows] @ self.w_kv.T
-            return kv[:, : HKV * D].contiguous(), kv[:, HKV * D :].contiguous()
+            k = _rope(kv[:, : HKV * D], self.cos_sin[self.positions[rows]])
+            return k, kv[:, HKV * D :].contiguous()
 
         def project_o(o):
             self.o_calls.append(o.shape[0])
             return o @ self.w_o.T
 
-        q = self.x @ self.w_q.T
-        return dare_attention_step(self.meta, self.cache, BLOCK, 0, self.runtime, self.layout,
-                                   D**-0.5, q, project_kv, project_o)
+        plain = self.plain_weights
+        return DareProjections(project_kv, project_o, self.x, self.w_kv if plain else None,
+                               None, self.w_o if plain else None, self.positions, self.cos_sin)
 
     def dense(self, project: bool = True) -> torch.Tensor:
         """Exact bidirectional attention (+ output projection) of every token."""
@@ -108,7 +158,7 @@ class Layer:
             start += n
             q = (x @ self.w_q.T).view(n, H, D).transpose(0, 1)
             k, v = (x @ self.w_kv.T).split(HKV * D, dim=-1)
-            k = k.reshape(n, HKV, D).transpose(0, 1).repeat_interleave(H // HKV, 0)
+            k = _rope(k, self.cos_sin[:n]).reshape(n, HKV, D).transpose(0, 1).repeat_interleave(H // HKV, 0)
             v = v.reshape(n, HKV, D).transpose(0, 1).repeat_interleave(H // HKV, 0)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=False)
             o = o.transpose(0, 1).reshape(n, H * D)
@@ -126,8 +176,10 @@ def test_first_step_computes_every_row_exactly(ops):
 
 
 @OPS
-def test_reused_rows_skip_projections_and_attention_and_come_from_the_cache(ops):
+@pytest.mark.parametrize("plain_weights", [True, False], ids=["kernel", "model-layers"])
+def test_reused_rows_skip_projections_and_attention_and_come_from_the_cache(ops, plain_weights):
     layer = Layer(ops)
+    layer.plain_weights = plain_weights
     first = layer.step(None)
     layer.kv_calls.clear()
     layer.o_calls.clear()
@@ -141,8 +193,10 @@ def test_reused_rows_skip_projections_and_attention_and_come_from_the_cache(ops)
 
 
 @OPS
-def test_changed_token_recomputes_and_reused_rows_keep_their_cached_output(ops):
+@pytest.mark.parametrize("plain_weights", [True, False], ids=["kernel", "model-layers"])
+def test_changed_token_recomputes_and_reused_rows_keep_their_cached_output(ops, plain_weights):
     layer = Layer(ops)
+    layer.plain_weights = plain_weights
     first = layer.step(None)
     noise = torch.randn(layer.x.shape[1], generator=torch.Generator().manual_seed(1))
     layer.x[3] = noise.to(DEVICE)
@@ -217,7 +271,8 @@ def test_attend_all_rows_through_vllms_cache_view(ops, max_mode, monkeypatch):
     T = layer.T
     q = (layer.x @ layer.w_q.T).view(T, H, D)
     kv = layer.x @ layer.w_kv.T
-    k, v = kv[:, : HKV * D].reshape(T, HKV, D), kv[:, HKV * D :].reshape(T, HKV, D)
+    k = _rope(kv[:, : HKV * D], layer.cos_sin[layer.positions]).reshape(T, HKV, D)
+    v = kv[:, HKV * D :].reshape(T, HKV, D)
     out = attend_all_rows(q, k, v, kv_cache, layer.meta, layout, D**-0.5)
     torch.testing.assert_close(out.reshape(T, H * D), layer.dense(project=False), **TOL)
     rows = storage.reshape(4 * BLOCK, layout.width)[layer.meta.slot_mapping]
@@ -227,3 +282,57 @@ def test_attend_all_rows_through_vllms_cache_view(ops, max_mode, monkeypatch):
         qref = rows[:, layout.qref_offset : layout.qref_offset + H * D]
         torch.testing.assert_close(qref, q.reshape(T, -1), rtol=0, atol=0)
     assert rows.shape[1] == 2 * HKV * D + layout.query_rows * H * D
+
+
+# ATen ops whose result the host reads back from the device (a sync on a GPU).
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "is_nonzero", "masked_select", "item",
+            "repeat_interleave", "equal"}
+
+
+@pytest.mark.parametrize("plain_weights", [True, False], ids=["kernel", "model-layers"])
+def test_a_step_that_selects_rows_reads_nothing_back_from_the_device(plain_weights, monkeypatch):
+    """With the Triton kernels and the projections' plain weights, a layer that
+    reuses rows queues all its work without waiting for the GPU: no op of the step
+    reads a device value back (its row lists and their lengths stay on the device).
+    Without plain weights (vLLM's CPU build) the two lengths are read, and only those."""
+    import triton.runtime.interpreter as interpreter
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Syncs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen, self.paused = [], False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if not self.paused and name in SYNC_OPS:
+                self.seen.append(name)
+            return func(*args, **(kwargs or {}))
+
+    syncs = Syncs()
+    run = interpreter.InterpretedFunction.run
+
+    def kernel_launch(self, *args, **kwargs):  # the interpreter's own work is no sync
+        syncs.paused = True
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            syncs.paused = False
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", kernel_launch)
+    layer = Layer(triton_dare_kernels)
+    layer.plain_weights = plain_weights
+    first = layer.step(None)
+    force = torch.zeros(layer.T, dtype=torch.bool)
+    force[[0, 5, 11, 20]] = True
+    t = torch.full((layer.T,), 0.05, device=DEVICE)
+    layer.runtime.begin_step(DareStepInputs(force.to(DEVICE), t, t,
+                                            torch.ones_like(force, device=DEVICE), True), 2)
+    q = layer.x @ layer.w_q.T
+    layer.runtime.ops.sync_meter = syncs
+    with syncs:
+        out = dare_attention_step(layer.meta, layer.cache, BLOCK, 0, layer.runtime,
+                                  layer.layout, D**-0.5, q, layer.projections())
+    torch.testing.assert_close(out, first, **TOL)
+    assert syncs.seen == ([] if plain_weights else ["_local_scalar_dense"] * 2)
+    assert layer.kv_calls[-1] == 4 and layer.o_calls[-1] == 4

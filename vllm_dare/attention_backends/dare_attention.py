@@ -11,9 +11,8 @@ from vllm.model_executor.layers.attention.attention import get_attention_context
 
 from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
 from vllm_dare.attention_backends.dare_layer_step import (
+    DareProjections,
     DareRuntime,
-    ProjectKV,
-    ProjectO,
     dare_attention_step,
 )
 from vllm_dare.attention_backends.dare_metadata import DareMetadata, slot_rows
@@ -26,25 +25,23 @@ def dare_self_attention(
     layout: DareCacheLayout,
     scale: float,
     q: torch.Tensor,  # [T, num_heads * head_dim], RoPE applied
-    project_kv: ProjectKV,
-    project_o: ProjectO,
+    proj: DareProjections,
 ) -> torch.Tensor:
     """Projected attention output ``[T, num_heads * head_dim]`` of one layer.
 
-    ``project_kv(rows)`` returns the keys (RoPE applied) and values of the token
-    rows ``rows`` selects (row ids, or ``slice(0, T)`` for all), ``[R, kv_width]`` each; ``project_o(o)`` is the output projection of
-    attention rows ``[R, num_heads * head_dim]``. Both are called for the recomputed
-    rows only.
+    ``proj`` holds the layer's K/V and output projections: its own layers for
+    steps that compute every row, the raw weights (and the keys' rotary
+    embedding) for the kernels that project only the recomputed rows.
     """
     meta, _, kv_cache, _ = get_attention_context(layer_name)
     if meta is None:  # profiling / dummy run: shapes only
         T = q.shape[0]
-        project_kv(slice(0, T))
-        return project_o(torch.zeros_like(q))
+        proj.project_kv(slice(0, T))
+        return proj.project_o(torch.zeros_like(q))
     assert isinstance(meta, DareMetadata)
     if meta.causal:
         raise RuntimeError("DARE attention is bidirectional; got a causal batch")
     cache = slot_rows(kv_cache, layout, q.dtype)
     block_size = cache.shape[0] // kv_cache.shape[0]
     return dare_attention_step(meta, cache, block_size, layer_index, runtime, layout, scale,
-                               q, project_kv, project_o)
+                               q, proj)

@@ -19,6 +19,14 @@ whose K/V were recomputed when the request reuses K/V, else those whose O was.
 ``tau = 0`` disables a reuse, so with both at 0 every row is recomputed. A batch
 in which no request keeps DARE state (mode off) writes neither Q_ref nor O, and a
 batch that recomputes every K/V row projects the layer input as it is (no gather).
+
+A layer that selects rows does not sync with the host: the row lists and their
+lengths stay on the device (``select_rows``) and every kernel after them covers
+all tokens, with the work past a list's length skipped inside the kernel
+(``project_rows`` projects only the listed rows). So the host queues the layers
+ahead of the GPU instead of waiting for each layer's decision. The one exception
+is a platform whose linear layers keep no plain weights (vLLM's CPU build), where
+the selected rows go through the model's layers and their count is read.
 """
 
 from __future__ import annotations
@@ -65,9 +73,12 @@ class DareRuntime:
         self.step: DareStepInputs | None = None
         self.ops = dare_ops(device)
         self.num_reqs = 0
-        # [layers, 3]: tokens, K/V rows reused, O rows reused (this step). Host
-        # ints: a layer knows its row counts anyway (it sizes its matmuls).
-        self.layer_counts = np.zeros((num_layers, 3), dtype=np.int64)
+        # Per layer, this step: tokens (host), and for layers that selected rows,
+        # how many K/V, O and Q_ref rows were recomputed (device, int32 [layers, 3],
+        # written by ``select_rows``; read once, when ``layer_counts`` is asked).
+        self._tokens = np.zeros(num_layers, dtype=np.int64)
+        self._selected = np.zeros(num_layers, dtype=bool)
+        self._recomputed: torch.Tensor | None = None
         self.all_rows: torch.Tensor | None = None
         self._token_reused: torch.Tensor | None = None  # int32 [T, 2], over layers
         self._token_req: torch.Tensor | None = None
@@ -76,7 +87,9 @@ class DareRuntime:
     def begin_step(self, step: DareStepInputs | None, num_reqs: int) -> None:
         self.step = step
         self.num_reqs = num_reqs
-        self.layer_counts[:] = 0
+        self._tokens[:] = 0
+        self._selected[:] = False
+        self._recomputed = None
         self._token_reused = None
         self._token_req = None
         self._layers_run = 0
@@ -89,17 +102,43 @@ class DareRuntime:
             never = torch.full_like(step.tau_kv, -1.0)
             self.tau_kv = torch.where(~step.force & (step.tau_kv > 0), step.tau_kv, never)
             self.tau_o = torch.where(~step.force & (step.tau_o > 0), step.tau_o, never)
-            # Whose recomputes Q_ref follows, batch-wide when it can be (one host
-            # sync per step, none per layer).
-            self.reference = ("kv" if bool(step.kv_is_reference.all())
-                              else "o" if not bool(step.kv_is_reference.any()) else "mixed")
+            # Batch-wide facts the layers branch on, in one host sync per step (none
+            # per layer): whose recomputes Q_ref follows, and whether any token may
+            # reuse its K/V, its O at all (if not, that row list is every row).
+            all_kv_ref, any_kv_ref, kv_may, o_may = torch.stack((
+                step.kv_is_reference.all(), step.kv_is_reference.any(),
+                (self.tau_kv > 0).any(), (self.tau_o > 0).any())).tolist()
+            self.reference = "kv" if all_kv_ref else "o" if not any_kv_ref else "mixed"
+            self.kv_may_reuse, self.o_may_reuse = kv_may, o_may
 
-    def count(self, layer_index: int, meta: DareMetadata, reused_kv: int, reused_o: int,
-              reused_rows: torch.Tensor | None) -> None:
-        """Record a layer's reuse: row counts, and ``reused_rows`` ([T, 2] bool: K/V
-        reused, O reused; None when nothing was) per token."""
+    def recomputed_counts(self, layer_index: int) -> torch.Tensor:
+        """int32 [3] on the device: the layer's K/V, O and Q_ref rows recomputed this
+        step, for ``select_rows`` to write."""
+        if self._recomputed is None:
+            self._recomputed = torch.zeros(self.num_layers, 3, dtype=torch.int32,
+                                           device=self.device)
+        self._selected[layer_index] = True
+        return self._recomputed[layer_index]
+
+    @property
+    def layer_counts(self) -> np.ndarray:
+        """[layers, 3] this step: tokens, K/V rows reused, O rows reused (reading the
+        device counters: one host sync)."""
+        counts = np.zeros((self.num_layers, 3), dtype=np.int64)
+        counts[:, 0] = self._tokens
+        if self._recomputed is not None:
+            recomputed = self._recomputed[:, :2].cpu().numpy()
+            sel = self._selected
+            counts[sel, 1:] = self._tokens[sel, None] - recomputed[sel]
+        return counts
+
+    def count(self, layer_index: int, meta: DareMetadata,
+              reused_rows: torch.Tensor | None = None) -> None:
+        """Record a layer run on ``meta``'s tokens; ``reused_rows`` ([T, 2] bool: K/V
+        reused, O reused, per token) when it selected rows (its row counts are
+        already on the device, from ``select_rows``), None when it reused nothing."""
         T = meta.num_actual_tokens
-        self.layer_counts[layer_index] += (T, reused_kv, reused_o)
+        self._tokens[layer_index] += T
         self._layers_run += 1
         if self._token_req is None:
             self._token_req = meta.token_req
@@ -156,6 +195,31 @@ ProjectKV = Callable[[torch.Tensor | slice], tuple[torch.Tensor, torch.Tensor]]
 ProjectO = Callable[[torch.Tensor], torch.Tensor]
 
 
+@dataclass
+class DareProjections:
+    """A layer's K/V and output projections as the layer step runs them.
+
+    ``project_kv`` / ``project_o`` are the model's own layers, used on every row
+    (the step computes what exact mode computes, the same way). When only some rows
+    are recomputed, the step runs ``ops.project_rows`` on the raw tensors instead:
+    it reads the listed rows, projects them, applies rotary embedding to the keys
+    and stores them straight into the cache (or the layer's output), with a row
+    count that stays on the device."""
+
+    project_kv: ProjectKV
+    project_o: ProjectO
+    x: torch.Tensor  # [T, hidden] the layer input
+    # The plain weights, or None where the platform's linear layers keep none (vLLM's
+    # CPU build prepacks them for its own GEMM): the selected rows then go through
+    # ``project_kv`` / ``project_o``, which needs their count on the host (on the
+    # CPU that costs nothing).
+    kv_weight: torch.Tensor | None  # [2 * kv_width, hidden]: keys, then values
+    kv_bias: torch.Tensor | None
+    o_weight: torch.Tensor | None  # [hidden, q_width], no bias
+    positions: torch.Tensor | None = None  # [T]; None: the keys get no rotary embedding
+    cos_sin_cache: torch.Tensor | None = None  # [max_position, head_dim]: cos | sin, neox
+
+
 def dare_attention_step(
     meta: DareMetadata,
     cache: torch.Tensor,  # [num_slots, layout.width] (``slot_rows``)
@@ -165,84 +229,130 @@ def dare_attention_step(
     layout: DareCacheLayout,
     scale: float,
     q: torch.Tensor,
-    project_kv: ProjectKV,
-    project_o: ProjectO,
+    proj: DareProjections,
 ) -> torch.Tensor:
     """One layer's DARE attention on an explicit batch (its metadata and the
     layer's cache as slot rows); see ``dare_attention.dare_self_attention``."""
-    ops = runtime.ops
     T = meta.num_actual_tokens
     q = q[:T]
     step = runtime.step
     if step is not None and step.force.shape[0] != T:
         step = None  # not this batch's inputs (dummy run)
-
-    all_rows = runtime.all_rows if step is not None else torch.arange(T, device=q.device)
-    reused_rows = None
     if step is None or not step.any_reuse:
-        kv_rows = o_rows = ref_rows = all_rows  # nothing to select
-    else:
-        # [T, 4] bool: K/V reused, O reused, K/V recomputed, O recomputed.
-        flags = ops.decide_reuse(q, meta.slot_mapping, cache, layout, runtime.tau_kv,
-                                 runtime.tau_o, runtime.per_head)
-        reused_rows = flags[:, :2]
-        # Every row list is taken here, back to back: each takes a host sync, and
-        # only the first waits for real GPU work (query projection and predictor).
-        kv_rows = flags[:, 2].nonzero().view(-1)
-        o_rows = flags[:, 3].nonzero().view(-1)
-        if runtime.reference == "kv":
-            ref_rows = kv_rows
-        elif runtime.reference == "o":
-            ref_rows = o_rows
-        else:
-            ref_rows = torch.where(step.kv_is_reference, flags[:, 2], flags[:, 3])
-            ref_rows = ref_rows.nonzero().view(-1)
+        return _every_row(meta, cache, block_size, layer_index, runtime, layout, scale, q,
+                          proj, step)
+    return _selected_rows(meta, cache, block_size, layer_index, runtime, layout, scale, q,
+                          proj, step)
 
-    # Without step inputs (warm-up) every row the cache keeps is written; with them,
-    # what the batch's requests read later (a request reusing rows this cache does
-    # not keep is refused at admission, so asking for them here raises).
+
+def _every_row(meta, cache, block_size, layer_index, runtime, layout, scale, q, proj,
+               step: DareStepInputs | None) -> torch.Tensor:
+    """Nothing is reused: every row computed as in exact mode. Without step inputs
+    (warm-up) every row the cache keeps is written; with them, what the batch's
+    requests read later."""
+    ops = runtime.ops
+    T = q.shape[0]
+    rows = runtime.all_rows if step is not None else torch.arange(T, device=q.device)
+    slots = meta.slot_mapping
     keeps_reference = layout.has_qref if step is None else step.keeps_reference
     keeps_o = layout.has_o if step is None else step.keeps_o
+    k, v = proj.project_kv(slice(0, T))
+    ops.write_kv_rows(k, v, rows, slots, cache, layout)
+    if keeps_reference:
+        ops.write_rows(q, rows, slots, cache, layout.qref_offset, src_by_token=True)
+    out = _attend_every_row(ops, meta, cache, block_size, layout, scale, q, rows, proj)
+    if keeps_o:
+        ops.write_rows(out, rows, slots, cache, layout.o_offset)
+    runtime.count(layer_index, meta)
+    return out
+
+
+def _attend_every_row(ops, meta, cache, block_size, layout, scale, q, rows, proj):
+    """Attention and output projection of every row, in token order (the batch's
+    ``query_start_loc`` says where each request's rows start)."""
+    T = q.shape[0]
+    attn = torch.empty(T, layout.num_heads, layout.head_dim, dtype=q.dtype, device=q.device)
+    ops.paged_attention_rows(q.view(T, layout.num_heads, layout.head_dim), cache, layout,
+                             meta.block_table, meta.seq_lens, rows, meta.token_req, attn,
+                             block_size, scale, max_rows_per_req=meta.max_query_len,
+                             req_row_start=meta.query_start_loc)
+    return proj.project_o(attn.view(T, layout.q_width))
+
+
+def _selected_rows(meta, cache, block_size, layer_index, runtime, layout, scale, q, proj,
+                   step: DareStepInputs) -> torch.Tensor:
+    """The predictor decides; only the recomputed rows are projected, attended and
+    written. No host sync: the row lists and their lengths stay on the device
+    (``select_rows``), and every kernel after it is launched over all T rows with
+    the programs past the count returning at once, so the host queues the whole
+    forward ahead of the GPU. A list no request of the batch can reuse (mode
+    ``kv``: every O row) is known on the host to hold every row and runs as in
+    exact mode."""
+    ops = runtime.ops
+    T = q.shape[0]
     slots = meta.slot_mapping
+    # [T, 4] bool: K/V reused, O reused, K/V recomputed, O recomputed.
+    flags = ops.decide_reuse(q, slots, cache, layout, runtime.tau_kv, runtime.tau_o,
+                             runtime.per_head)
+    # Lists 0 (K/V recomputed), 1 (O recomputed), 2 (Q_ref rewritten, when the
+    # batch mixes requests whose Q_ref follows K/V with some whose follows O). The
+    # lengths are written straight into the step's per-layer counters.
+    recomputed = runtime.recomputed_counts(layer_index)
+    num_lists = 3 if runtime.reference == "mixed" else 2
+    lists, starts = ops.select_rows(flags, step.kv_is_reference, meta.query_start_loc,
+                                    num_lists, recomputed)
 
-    # K/V projection of the recomputed rows only (all of them: the input as it is).
-    if kv_rows.numel():
-        k, v = project_kv(slice(0, T) if kv_rows.numel() == T else kv_rows)
-        ops.write_kv_rows(k, v, kv_rows, slots, cache, layout)
-    if keeps_reference and ref_rows.numel():
-        ops.write_rows(q, ref_rows, slots, cache, layout.qref_offset, src_by_token=True)
+    def count(which: int) -> torch.Tensor:
+        return recomputed[which : which + 1]
 
-    # Attention and output projection of the recomputed rows only; the reused
-    # rows' projected outputs come from the cache.
-    R = o_rows.numel()
-    attn = torch.empty(R, layout.num_heads, layout.head_dim, dtype=q.dtype, device=q.device)
-    if R == T:
-        # Every row, in token order: the batch's query_start_loc says where each
-        # request's rows start.
-        ops.paged_attention_rows(q.view(T, layout.num_heads, layout.head_dim), cache,
-                                 layout, meta.block_table, meta.seq_lens, all_rows,
-                                 meta.token_req, attn, block_size, scale,
-                                 max_rows_per_req=meta.max_query_len,
-                                 req_row_start=meta.query_start_loc)
-    elif R:
-        # The kernel writes row i of its output at position row_token[i]; here
-        # the recomputed rows are packed, so position i of ``attn``.
-        ops.paged_attention_rows(q[o_rows].view(R, layout.num_heads, layout.head_dim),
-                                 cache, layout, meta.block_table, meta.seq_lens,
-                                 all_rows[:R], meta.token_req[o_rows], attn, block_size,
-                                 scale, max_rows_per_req=meta.max_query_len)
-    projected = project_o(attn.view(R, layout.q_width)) if R else None
-    if R == T:
-        out = projected
+    if runtime.kv_may_reuse and proj.kv_weight is not None:
+        # Keys (RoPE applied) and values of the recomputed rows, into their slots.
+        rope = proj.cos_sin_cache is not None
+        ops.project_rows(proj.x, proj.kv_weight, proj.kv_bias, lists[0], count(0),
+                         layout.head_dim, cache, layout.k_offset, slot_mapping=slots,
+                         out_at_slot=True, positions=proj.positions,
+                         cos_sin_cache=proj.cos_sin_cache,
+                         rope_heads=layout.num_kv_heads if rope else 0)
+    elif runtime.kv_may_reuse:
+        kv_rows = lists[0][: int(count(0))]  # host sync (no plain weights: CPU)
+        if kv_rows.numel():
+            k, v = proj.project_kv(kv_rows)
+            ops.write_kv_rows(k, v, kv_rows, slots, cache, layout)
     else:
-        # Every row's cached output (one gather, no list of the reused rows), then
-        # the recomputed rows overwritten.
-        o_cols = cache[:, layout.o_offset : layout.o_offset + layout.q_width]
-        out = o_cols.index_select(0, slots)
-        if R:
-            out.index_copy_(0, o_rows, projected)
-    if keeps_o and R:
-        ops.write_rows(projected, o_rows, slots, cache, layout.o_offset)
+        k, v = proj.project_kv(slice(0, T))
+        ops.write_kv_rows(k, v, runtime.all_rows, slots, cache, layout)
+    if step.keeps_reference:
+        ref = {"kv": 0, "o": 1, "mixed": 2}[runtime.reference]
+        ops.write_rows(q, lists[ref], slots, cache, layout.qref_offset, src_by_token=True,
+                       count=count(ref))
 
-    runtime.count(layer_index, meta, T - kv_rows.numel(), T - R, reused_rows)
+    if runtime.o_may_reuse:
+        # Every row's cached output (one gather), then the recomputed rows attended,
+        # projected and stored over it (and into their O slots).
+        H, D = layout.num_heads, layout.head_dim
+        attn = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+        ops.paged_attention_rows(q.view(T, H, D), cache, layout, meta.block_table,
+                                 meta.seq_lens, lists[1], None, attn, block_size, scale,
+                                 max_rows_per_req=meta.max_query_len,
+                                 req_row_start=starts[1])
+        out = cache[:, layout.o_offset : layout.o_offset + layout.q_width].index_select(
+            0, slots)
+        if proj.o_weight is not None:
+            ops.project_rows(attn.view(T, layout.q_width), proj.o_weight, None, lists[1],
+                             count(1), D, out, slot_mapping=slots,
+                             out2=cache if step.keeps_o else None,
+                             out2_col=layout.o_offset if step.keeps_o else 0)
+        else:
+            o_rows = lists[1][: int(count(1))]  # host sync (no plain weights: CPU)
+            if o_rows.numel():
+                projected = proj.project_o(attn.view(T, layout.q_width).index_select(0, o_rows))
+                out.index_copy_(0, o_rows, projected)
+                if step.keeps_o:
+                    ops.write_rows(projected, o_rows, slots, cache, layout.o_offset)
+    else:
+        out = _attend_every_row(ops, meta, cache, block_size, layout, scale, q,
+                                runtime.all_rows, proj)
+        if step.keeps_o:
+            ops.write_rows(out, runtime.all_rows, slots, cache, layout.o_offset)
+    runtime.count(layer_index, meta, flags[:, :2])
     return out

@@ -23,12 +23,12 @@ from vllm.model_executor.layers.linear import (
     RowParallelLinear,
 )
 from vllm.model_executor.layers.quantization import QuantizationConfig
-from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding, get_rope
 
 from vllm_dare.attention_backends.dare_attention import dare_self_attention
 from vllm_dare.attention_backends.dare_backend import dare_backend_for
 from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
-from vllm_dare.attention_backends.dare_layer_step import DareRuntime
+from vllm_dare.attention_backends.dare_layer_step import DareProjections, DareRuntime
 
 
 class DiffusionSelfAttention(nn.Module):
@@ -69,6 +69,10 @@ class DiffusionSelfAttention(nn.Module):
                 quant_config=quant_config, prefix=f"{prefix}.qkv_proj",
             )
         else:
+            if quant_config is not None:
+                # The recomputed-rows kernels read the projections' weights as
+                # they are.
+                raise ValueError("the DARE backend needs unquantized attention weights")
             if tp_size != 1:
                 # The query delta is taken over all heads of a token, and the O
                 # cache holds the projected (all-reduced) output row: both need
@@ -99,6 +103,15 @@ class DiffusionSelfAttention(nn.Module):
         )
         backend = None
         if dare_runtime is not None:
+            if not (isinstance(self.rotary_emb, RotaryEmbedding)
+                    and self.rotary_emb.rotary_dim == self.head_dim
+                    and self.rotary_emb.is_neox_style):
+                # The recomputed-rows K/V kernel applies RoPE from the cos/sin cache
+                # of vLLM's rotate-half embedding over the whole head.
+                raise ValueError(
+                    f"the DARE backend supports full-head rotate-half RoPE only, got "
+                    f"{type(self.rotary_emb).__name__} over {self.rotary_emb.rotary_dim} "
+                    f"of {self.head_dim} dimensions")
             self.layout = DareCacheLayout.for_max_mode(
                 self.num_heads, self.num_kv_heads, self.head_dim, dare_runtime.max_mode)
             backend = dare_backend_for(self.num_heads // self.num_kv_heads,
@@ -140,7 +153,20 @@ class DiffusionSelfAttention(nn.Module):
             out, _ = self.o_proj(attn_rows)
             return out
 
+        kv_weight, o_weight = _plain_weight(self.kv_proj), _plain_weight(self.o_proj)
+        proj = DareProjections(
+            project_kv, project_o, x, kv_weight, self.kv_proj.bias if kv_weight is not None
+            else None, o_weight, positions, self.rotary_emb.cos_sin_cache,
+        )
         return dare_self_attention(
             self.attn.layer_name, self.layer_index, self.dare_runtime, self.layout,
-            self.scale, q, project_kv, project_o,
+            self.scale, q, proj,
         )
+
+
+def _plain_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The layer's ``[out, in]`` weight, or None where vLLM's platform keeps none
+    (its CPU build moves unquantized weights into a prepacked GEMM handle and
+    leaves an empty parameter)."""
+    weight = layer.weight
+    return weight if weight.dim() == 2 and weight.numel() else None
