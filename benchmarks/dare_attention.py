@@ -27,6 +27,14 @@ that drift in the machine's speed hits every setting alike):
                cached (projected) O for the reused rows. A random fraction r of the
                tokens is not forced and has tau above any query delta, so the
                predictor runs as in serving and reuses exactly those (K/V and O).
+               At r = 0 every token is forced, which the host knows (a refresh
+               step): every row is projected by the model's matmuls.
+* DARE 0 (predicted) -- nothing forced, tau below every query delta: the
+               predictor finds nothing reusable, and every row goes through the
+               row-selecting path (row lists on the device, ``project_rows``).
+               Its input is the others' scaled by 1.5 and its Q_ref rows are not
+               rewritten, so that every repetition's predictor finds every query
+               changed (one row write less than a serving step).
 
 Prints a table and writes JSON with every setting. Runs on the GPU (Triton kernels)
 when one is present, else on CPU (vectorised PyTorch ops). ``--profile`` prints the
@@ -156,9 +164,9 @@ class Stack:
             x = self._mlp(x + attn, w) if self.mlp else attn
         return x
 
-    def dare(self, runtime: DareRuntime):
+    def dare(self, runtime: DareRuntime, x: torch.Tensor | None = None):
         Hkv, D = self.Hkv, self.D
-        x = self.x
+        x = self.x if x is None else x
         for i, w in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), w["norm1"]) if self.mlp else x
 
@@ -173,9 +181,11 @@ class Stack:
             x = self._mlp(x + attn, w) if self.mlp else attn
         return x
 
-    def runtime(self, reuse_rows: torch.Tensor | None) -> DareRuntime:
+    def runtime(self, reuse_rows: torch.Tensor | None, predicted_none: bool = False
+                ) -> DareRuntime:
         """A runtime whose step reuses exactly ``reuse_rows`` (None: DARE mode off for
-        every request, as the engine runs it: no predictor, no Q_ref or O writes)."""
+        every request, as the engine runs it: no predictor, no Q_ref or O writes;
+        ``predicted_none``: nothing forced, and a threshold no query delta is under)."""
         runtime = DareRuntime(self.num_layers, per_head=False, device=self.device)
         force = torch.ones(self.T, dtype=torch.bool, device=self.device)
         if reuse_rows is None:
@@ -187,9 +197,13 @@ class Stack:
             return runtime
         force[reuse_rows] = False
         tau = torch.full((self.T,), 1e30, device=self.device)
+        if predicted_none:
+            force[:] = False
+            tau.fill_(1e-30)
         runtime.begin_step(DareStepInputs(force=force, tau_kv=tau, tau_o=tau,
                                           kv_is_reference=torch.ones_like(force),
-                                          any_reuse=True), self.R)
+                                          any_reuse=True, keeps_reference=not predicted_none),
+                           self.R)
         return runtime
 
 
@@ -206,6 +220,9 @@ def _profile(fn, device) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60)
 
 
+PREDICTED_NONE = "0 (predicted)"
+
+
 def run(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
@@ -216,8 +233,12 @@ def run(args) -> dict:
     for rate in args.reuse:
         n = int(round(rate * stack.T))
         runtimes[rate] = stack.runtime(torch.randperm(stack.T, generator=stack.g)[:n].to(device))
+    runtimes[PREDICTED_NONE] = stack.runtime(torch.zeros(0, dtype=torch.long, device=device),
+                                             predicted_none=True)
     fns = {"exact": stack.exact, "off": lambda: stack.dare(off)}
     fns.update({rate: (lambda rt=rt: stack.dare(rt)) for rate, rt in runtimes.items()})
+    shifted = stack.x * 1.5
+    fns[PREDICTED_NONE] = lambda: stack.dare(runtimes[PREDICTED_NONE], shifted)
     times = _time_interleaved(fns, device, args.reps)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     t_exact, t_off = med["exact"], med["off"]
@@ -229,7 +250,8 @@ def run(args) -> dict:
     results = []
     for rate, runtime in runtimes.items():
         counts = runtime.layer_counts.sum(0).tolist()  # tokens, K/V reused, O reused
-        results.append({"reuse": rate, "dare_ms": med[rate] * 1e3, "exact_ms": t_exact * 1e3,
+        results.append({"reuse": 0.0 if rate == PREDICTED_NONE else rate,
+                        "setting": str(rate), "dare_ms": med[rate] * 1e3, "exact_ms": t_exact * 1e3,
                         "speedup_vs_exact": paired("exact", rate),
                         "speedup_vs_engine_off": paired("off", rate),
                         "speedup_vs_exact_of_medians": t_exact / med[rate],
@@ -237,7 +259,7 @@ def run(args) -> dict:
                         "measured_o_reuse": counts[2] / counts[0]})
         if args.profile:
             print(f"--- profile, reuse {rate}")
-            print(_profile(lambda runtime=runtime: stack.dare(runtime), device))
+            print(_profile(fns[rate], device))
     s = SHAPES[args.shape]
     return {
         "benchmark": "dare_attention_layer" if args.scope == "attention" else "dare_decoder_stack",
@@ -286,9 +308,9 @@ def main() -> None:
           f"{report['engine_off_ms']:.2f} ms "
           f"({report['engine_off_speedup_vs_exact']:.2f}x; speed-ups are medians of "
           f"per-round ratios, settings timed round-robin)")
-    print(f"{'reuse':>6} {'exact ms':>10} {'DARE ms':>10} {'vs exact':>9} {'vs off':>8}")
+    print(f"{'reuse':>14} {'exact ms':>10} {'DARE ms':>10} {'vs exact':>9} {'vs off':>8}")
     for r in report["results"]:
-        print(f"{r['reuse']:>6.2f} {r['exact_ms']:>10.2f} {r['dare_ms']:>10.2f} "
+        print(f"{r['setting']:>14} {r['exact_ms']:>10.2f} {r['dare_ms']:>10.2f} "
               f"{r['speedup_vs_exact']:>8.2f}x {r['speedup_vs_engine_off']:>7.2f}x")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     scope = "" if args.scope == "attention" else f"_decoder{args.layers}"

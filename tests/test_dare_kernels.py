@@ -263,7 +263,7 @@ def _flags(T, g, kind):
 @pytest.mark.parametrize("num_lists", [2, 3])
 def test_select_rows_matches_twin(impl, kind, num_lists):
     """Row lists on the device: selected tokens first in token order, then zeros;
-    per-request starts; the counts written to the given buffer. Requests of
+    per-request starts; the lengths, also added to a running total. Requests of
     lengths 0 (none selected from an empty request) to 1100 (more than one scan
     block)."""
     g = torch.Generator().manual_seed(5)
@@ -272,19 +272,21 @@ def test_select_rows_matches_twin(impl, kind, num_lists):
     qsl = torch.tensor([0] + lengths).cumsum(0).to(torch.int32).to(DEVICE)
     flags = _flags(T, g, kind)
     kv_ref = (torch.rand(T, generator=g) < 0.5).to(DEVICE)
-    got_counts = torch.full((3,), -1, dtype=torch.int32, device=DEVICE)
-    want_counts = got_counts.clone()
-    rows, starts = IMPLS[impl].select_rows(flags, kv_ref, qsl, num_lists, got_counts)
-    want_rows, want_starts = select_rows_reference(flags.cpu(), kv_ref.cpu(), qsl.cpu(),
-                                                   num_lists, want_counts)
+    got_totals = torch.tensor([5, 6, -1], dtype=torch.int32, device=DEVICE)
+    want_totals = got_totals.cpu().clone()
+    rows, starts, counts = IMPLS[impl].select_rows(flags, kv_ref, qsl, num_lists, got_totals)
+    want_rows, want_starts, want_counts = select_rows_reference(
+        flags.cpu(), kv_ref.cpu(), qsl.cpu(), num_lists, want_totals)
     assert torch.equal(rows.cpu(), want_rows) and torch.equal(starts.cpu(), want_starts)
-    assert torch.equal(got_counts.cpu(), want_counts.cpu())
+    assert torch.equal(counts.cpu(), want_counts)
+    assert torch.equal(got_totals.cpu(), want_totals)
     # the twin itself: list 1 is the O-recomputed tokens, the tail zeros
     n = int(want_counts[1])
     assert torch.equal(want_rows[1, :n], flags[:, 3].cpu().nonzero().view(-1))
     assert (want_rows[1, n:] == 0).all() and int(want_starts[1, -1]) == n
+    assert int(want_totals[1]) == 6 + n
     if num_lists == 2:
-        assert int(got_counts[2]) == -1  # the third list was not asked for
+        assert int(got_totals[2]) == -1  # the third list was not asked for
     if kind == "random":
         assert 0 < n < T
 
@@ -313,8 +315,8 @@ def test_project_rows_into_the_cache_matches_twin(impl, heads, dtype, kind):
     positions = torch.cat([torch.arange(21), torch.arange(45)]).to(DEVICE)
     cos_sin = _rope_table(64, D, g).to(DEVICE)
     flags = _flags(T, g, kind)
-    counts = torch.zeros(3, dtype=torch.int32, device=DEVICE)
-    lists, _ = torch_dare_ops.select_rows(flags, flags[:, 0], torch.tensor([0, 21, T]), 2, counts)
+    lists, _, counts = torch_dare_ops.select_rows(flags, flags[:, 0], torch.tensor([0, 21, T], device=DEVICE), 2,
+                                                  torch.zeros(2, dtype=torch.int32, device=DEVICE))
     rows = lists[0]
     got, want = cache.clone(), cache.clone()
     args = (x, w, b, rows, counts[0:1], D)
@@ -352,9 +354,10 @@ def test_project_rows_to_tokens_and_cache_and_counted_writes_match_twins(impl, k
     attn = torch.randn(T, layout.q_width, generator=g).to(DEVICE)
     w = (torch.randn(hidden, layout.q_width, generator=g) / hidden**0.5).to(DEVICE)
     flags = _flags(T, g, kind)
-    counts = torch.zeros(3, dtype=torch.int32, device=DEVICE)
-    lists, _ = torch_dare_ops.select_rows(flags, flags[:, 0],
-                                          torch.tensor([0, 13, 53, T]), 2, counts)
+    lists, _, counts = torch_dare_ops.select_rows(flags, flags[:, 0],
+                                                  torch.tensor([0, 13, 53, T], device=DEVICE),
+                                                  2, torch.zeros(2, dtype=torch.int32,
+                                                                 device=DEVICE))
     rows = lists[1]
     out = torch.full((T, hidden), 7.0, device=DEVICE)
     got, want = (out.clone(), cache.clone()), (out.clone(), cache.clone())

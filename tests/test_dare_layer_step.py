@@ -336,3 +336,22 @@ def test_a_step_that_selects_rows_reads_nothing_back_from_the_device(plain_weigh
     torch.testing.assert_close(out, first, **TOL)
     assert syncs.seen == ([] if plain_weights else ["_local_scalar_dense"] * 2)
     assert layer.kv_calls[-1] == 4 and layer.o_calls[-1] == 4
+
+
+@OPS
+def test_reuse_counts_add_up_over_the_runs_of_a_step(ops):
+    """The per-layer counters sum every run between two ``begin_step`` calls (the
+    layer benchmark times many runs of one step): tokens and reused rows alike."""
+    layer = Layer(ops)
+    layer.step(None)
+    force = torch.zeros(layer.T, dtype=torch.bool)
+    force[[0, 5, 11, 20]] = True
+    layer.step(force)
+    proj, q = layer.projections(), layer.x @ layer.w_q.T
+    dare_attention_step(layer.meta, layer.cache, BLOCK, 0, layer.runtime, layer.layout,
+                        D**-0.5, q, proj)
+    T = layer.T
+    assert layer.runtime.layer_counts[0].tolist() == [2 * T, 2 * (T - 4), 2 * (T - 4)]
+    # two forced tokens in each request (0, 5 | 11, 20)
+    assert layer.runtime.request_counts.tolist() == [[2 * n, 2 * (n - 2), 2 * (n - 2)]
+                                                     for n in SEQ_LENS]

@@ -73,11 +73,12 @@ class DareRuntime:
         self.step: DareStepInputs | None = None
         self.ops = dare_ops(device)
         self.num_reqs = 0
-        # Per layer, this step: tokens (host), and for layers that selected rows,
-        # how many K/V, O and Q_ref rows were recomputed (device, int32 [layers, 3],
-        # written by ``select_rows``; read once, when ``layer_counts`` is asked).
+        # Per layer, this step: tokens (host), tokens of the runs that selected
+        # rows (host), and how many K/V, O and Q_ref rows those recomputed (device,
+        # int32 [layers, 3], added to by ``select_rows``; read once, when
+        # ``layer_counts`` is asked).
         self._tokens = np.zeros(num_layers, dtype=np.int64)
-        self._selected = np.zeros(num_layers, dtype=bool)
+        self._selected_tokens = np.zeros(num_layers, dtype=np.int64)
         self._recomputed: torch.Tensor | None = None
         self.all_rows: torch.Tensor | None = None
         self._token_reused: torch.Tensor | None = None  # int32 [T, 2], over layers
@@ -88,7 +89,7 @@ class DareRuntime:
         self.step = step
         self.num_reqs = num_reqs
         self._tokens[:] = 0
-        self._selected[:] = False
+        self._selected_tokens[:] = 0
         self._recomputed = None
         self._token_reused = None
         self._token_req = None
@@ -111,13 +112,14 @@ class DareRuntime:
             self.reference = "kv" if all_kv_ref else "o" if not any_kv_ref else "mixed"
             self.kv_may_reuse, self.o_may_reuse = kv_may, o_may
 
-    def recomputed_counts(self, layer_index: int) -> torch.Tensor:
+    def recomputed_totals(self, layer_index: int, num_tokens: int) -> torch.Tensor:
         """int32 [3] on the device: the layer's K/V, O and Q_ref rows recomputed this
-        step, for ``select_rows`` to write."""
+        step by runs that selected rows, for ``select_rows`` to add to (this run
+        has ``num_tokens`` tokens)."""
         if self._recomputed is None:
             self._recomputed = torch.zeros(self.num_layers, 3, dtype=torch.int32,
                                            device=self.device)
-        self._selected[layer_index] = True
+        self._selected_tokens[layer_index] += num_tokens
         return self._recomputed[layer_index]
 
     @property
@@ -128,8 +130,7 @@ class DareRuntime:
         counts[:, 0] = self._tokens
         if self._recomputed is not None:
             recomputed = self._recomputed[:, :2].cpu().numpy()
-            sel = self._selected
-            counts[sel, 1:] = self._tokens[sel, None] - recomputed[sel]
+            counts[:, 1:] = self._selected_tokens[:, None] - recomputed
         return counts
 
     def count(self, layer_index: int, meta: DareMetadata,
@@ -297,13 +298,13 @@ def _selected_rows(meta, cache, block_size, layer_index, runtime, layout, scale,
     # Lists 0 (K/V recomputed), 1 (O recomputed), 2 (Q_ref rewritten, when the
     # batch mixes requests whose Q_ref follows K/V with some whose follows O). The
     # lengths are written straight into the step's per-layer counters.
-    recomputed = runtime.recomputed_counts(layer_index)
     num_lists = 3 if runtime.reference == "mixed" else 2
-    lists, starts = ops.select_rows(flags, step.kv_is_reference, meta.query_start_loc,
-                                    num_lists, recomputed)
+    lists, starts, counts = ops.select_rows(flags, step.kv_is_reference,
+                                            meta.query_start_loc, num_lists,
+                                            runtime.recomputed_totals(layer_index, T))
 
     def count(which: int) -> torch.Tensor:
-        return recomputed[which : which + 1]
+        return counts[which : which + 1]
 
     if runtime.kv_may_reuse and proj.kv_weight is not None:
         # Keys (RoPE applied) and values of the recomputed rows, into their slots.

@@ -96,17 +96,18 @@ def decide_reuse(q, slot_mapping, cache, layout: DareCacheLayout, tau_kv, tau_o,
     return torch.cat((reuse, ~reuse), dim=1)
 
 
-def select_rows(flags, kv_is_reference, query_start_loc, num_lists: int, counts):
+def select_rows(flags, kv_is_reference, query_start_loc, num_lists: int, totals):
     T = flags.shape[0]
     picks = torch.stack((flags[:, 2], flags[:, 3],
                          torch.where(kv_is_reference, flags[:, 2], flags[:, 3]))[:num_lists])
     prefix = torch.nn.functional.pad(torch.cumsum(picks, dim=1, dtype=torch.int32), (1, 0))
     req_row_start = prefix[:, query_start_loc.long()]
-    counts[:num_lists] = prefix[:, -1]
+    counts = prefix[:, -1].contiguous()
+    totals[:num_lists] += counts
     # The selected tokens first, in token order (a stable sort on "not selected").
     rows = torch.sort((~picks).to(torch.uint8), dim=1, stable=True).indices
     rows.masked_fill_(torch.arange(T, device=flags.device) >= prefix[:, -1:], 0)
-    return rows, req_row_start
+    return rows, req_row_start, counts
 
 
 def project_rows(x, weight, bias, rows, count, head_dim: int, out, out_col: int = 0,

@@ -426,7 +426,7 @@ def query_delta_reference(q, slot_mapping, cache, layout, eps: float = 1e-6):
 @triton.jit
 def _select_rows_kernel(
     flags_ptr, kv_is_reference_ptr, query_start_loc_ptr, num_reqs, num_tokens,
-    rows_ptr, req_row_start_ptr, counts_ptr, BLOCK: tl.constexpr,
+    rows_ptr, req_row_start_ptr, counts_ptr, totals_ptr, BLOCK: tl.constexpr,
 ):
     # One program per list: 0 = K/V recomputed (flag column 2), 1 = O recomputed
     # (column 3), 2 = Q_ref rewritten (column 2 where the token's request reuses
@@ -452,6 +452,7 @@ def _select_rows_kernel(
             carry += tl.sum(f, axis=0)
     tl.store(req_row_start_ptr + num_reqs, carry)
     tl.store(counts_ptr + which, carry)
+    tl.store(totals_ptr + which, tl.load(totals_ptr + which) + carry)
     for start in range(carry, num_tokens, BLOCK):  # the rest: 0, a valid token id
         t = start + tl.arange(0, BLOCK)
         tl.store(rows_ptr + t, tl.zeros([BLOCK], dtype=tl.int64), mask=t < num_tokens)
@@ -462,31 +463,34 @@ def select_rows(
     kv_is_reference: torch.Tensor,  # bool [T]: the token's Q_ref follows its K/V
     query_start_loc: torch.Tensor,  # [num_reqs + 1], the batch's
     num_lists: int,  # 2: K/V and O recomputed; 3: and the Q_ref rows
-    counts: torch.Tensor,  # int32 [>= num_lists], written: rows in each list
-) -> tuple[torch.Tensor, torch.Tensor]:
+    totals: torch.Tensor,  # int32 [>= num_lists]: each list's length is added to it
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The row lists of a step, on the device with no host sync: ``(rows [num_lists,
-    T] int64, req_row_start [num_lists, num_reqs + 1] int32)``. List ``l`` holds,
-    first, the ``counts[l]`` selected tokens in token order (so grouped by request),
-    then zeros; ``req_row_start[l, b]`` is where request ``b``'s tokens start in
-    it (``req_row_start[l, num_reqs] == counts[l]``), as ``paged_attention_rows``
-    takes it."""
+    T] int64, req_row_start [num_lists, num_reqs + 1] int32, counts [num_lists]
+    int32)``. List ``l`` holds, first, the ``counts[l]`` selected tokens in token
+    order (so grouped by request), then zeros; ``req_row_start[l, b]`` is where
+    request ``b``'s tokens start in it (``req_row_start[l, num_reqs] ==
+    counts[l]``), as ``paged_attention_rows`` takes it. ``totals`` (a layer's
+    counters over a step) gets the counts added."""
     T = flags.shape[0]
     num_reqs = query_start_loc.shape[0] - 1
     rows = torch.empty(num_lists, T, dtype=torch.int64, device=flags.device)
     req_row_start = torch.empty(num_lists, num_reqs + 1, dtype=torch.int32,
                                 device=flags.device)
+    counts = torch.empty(num_lists, dtype=torch.int32, device=flags.device)
     _select_rows_kernel[(num_lists,)](
         flags.view(torch.int8), kv_is_reference.view(torch.int8), query_start_loc, num_reqs,
-        T, rows, req_row_start, counts, **select_rows_constexprs())
-    return rows, req_row_start
+        T, rows, req_row_start, counts, totals, **select_rows_constexprs())
+    return rows, req_row_start, counts
 
 
 def select_rows_constexprs() -> dict:
     return dict(BLOCK=1024)
 
 
-def select_rows_reference(flags, kv_is_reference, query_start_loc, num_lists, counts):
+def select_rows_reference(flags, kv_is_reference, query_start_loc, num_lists, totals):
     """Twin of ``select_rows``."""
+    counts = torch.zeros(num_lists, dtype=torch.int32, device=flags.device)
     T = flags.shape[0]
     num_reqs = query_start_loc.shape[0] - 1
     picks = [flags[:, 2], flags[:, 3],
@@ -497,9 +501,10 @@ def select_rows_reference(flags, kv_is_reference, query_start_loc, num_lists, co
         chosen = [t for t in range(T) if bool(pick[t])]
         rows[which, : len(chosen)] = torch.tensor(chosen, dtype=torch.int64)
         counts[which] = len(chosen)
+        totals[which] += len(chosen)
         for b in range(num_reqs + 1):
             starts[which, b] = sum(1 for t in chosen if t < int(query_start_loc[b]))
-    return rows, starts
+    return rows, starts, counts
 
 
 # --------------------------------------------------------------------- projections
