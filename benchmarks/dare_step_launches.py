@@ -93,18 +93,25 @@ def main() -> None:
     counter, launches = _Counter(), collections.Counter()
     _count_launches(counter, launches)
     g = torch.Generator().manual_seed(0)
-    settings = {"DARE mode off": None}
+    # label: (reused rows, predicted): the other rows forced (0%: a refresh step), or
+    # nothing forced and the predictor finding every query changed
+    settings = {"DARE mode off": (None, False)}
     for rate in args.reuse:
         n = int(round(rate * stack.T))
-        settings[f"reuse on, {rate:.0%} reused"] = torch.randperm(stack.T, generator=g)[:n]
+        label = f"reuse on, {rate:.0%} reused" + (", all forced" if n == 0 else "")
+        settings[label] = (torch.randperm(stack.T, generator=g)[:n], False)
+    settings["reuse on, 0% predicted"] = (torch.zeros(0, dtype=torch.long), True)
     rows = []
-    for label, reuse_rows in settings.items():
+    for label, (reuse_rows, predicted) in settings.items():
+        x = stack.x * 1.5 if predicted else None  # queries unlike the cached Q_ref
         stack.dare(stack.runtime(reuse_rows))  # first step: caches filled
-        runtime = stack.runtime(reuse_rows)
+        runtime = stack.runtime(reuse_rows, predicted_none=predicted)
         counter.ops.clear()
         launches.clear()
         with counter:
-            stack.dare(runtime)
+            stack.dare(runtime, x)
+        if predicted:
+            assert runtime.layer_counts[0, 1] == 0, "the predictor reused rows"
         work = {k: n for k, n in counter.ops.items() if k not in VIEW_OPS}
         views = {k: n for k, n in counter.ops.items() if k in VIEW_OPS}
         rows.append({"setting": label, "torch_ops": sum(work.values()),
@@ -116,10 +123,10 @@ def main() -> None:
                      "kernels": dict(launches), "views": views})
     print(f"One DARE layer step (Triton kernels), {args.batch} x {args.seq_len} tokens, "
           f"counts per layer incl. the projections")
-    print(f"{'setting':<24} {'torch ops':>9} {'triton':>7} {'launched':>9} {'syncs':>6} "
+    print(f"{'setting':<32} {'torch ops':>9} {'triton':>7} {'launched':>9} {'syncs':>6} "
           f"{'views':>6}")
     for r in rows:
-        print(f"{r['setting']:<24} {r['torch_ops']:>9} {r['triton_launches']:>7} "
+        print(f"{r['setting']:<32} {r['torch_ops']:>9} {r['triton_launches']:>7} "
               f"{r['launched']:>9} {r['host_syncs']:>6} {r['view_ops']:>6}")
         print(f"    {r['ops']} {r['kernels']}")
     out = Path(args.out)

@@ -81,6 +81,8 @@ class DareRuntime:
         self._selected_tokens = np.zeros(num_layers, dtype=np.int64)
         self._recomputed: torch.Tensor | None = None
         self.all_rows: torch.Tensor | None = None
+        self.reference = "kv"
+        self.kv_may_reuse = self.o_may_reuse = False
         self._token_reused: torch.Tensor | None = None  # int32 [T, 2], over layers
         self._token_req: torch.Tensor | None = None
         self._layers_run = 0
@@ -239,7 +241,10 @@ def dare_attention_step(
     step = runtime.step
     if step is not None and step.force.shape[0] != T:
         step = None  # not this batch's inputs (dummy run)
-    if step is None or not step.any_reuse:
+    if step is None or not step.any_reuse or not (runtime.kv_may_reuse
+                                                  or runtime.o_may_reuse):
+        # Nothing can be reused (every token forced or at tau 0: a refresh step, a
+        # request's first forward): no predictor, every row.
         return _every_row(meta, cache, block_size, layer_index, runtime, layout, scale, q,
                           proj, step)
     return _selected_rows(meta, cache, block_size, layer_index, runtime, layout, scale, q,
