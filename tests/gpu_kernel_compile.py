@@ -81,7 +81,7 @@ def variants():
     yield (k._select_rows_kernel, dict(
         flags_ptr="*i8", kv_is_reference_ptr="*i8", query_start_loc_ptr="*i32", num_reqs="i32",
         num_tokens="i32", rows_ptr="*i64", req_row_start_ptr="*i32", counts_ptr="*i32",
-        totals_ptr="*i32"),
+        totals_ptr="*i32", prefix_ptr="*i32"),
         k.select_rows_constexprs(), "any layout")
 
 

@@ -261,13 +261,14 @@ def _flags(T, g, kind):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", ["none", "all", "random"])
 @pytest.mark.parametrize("num_lists", [2, 3])
-def test_select_rows_matches_twin(impl, kind, num_lists):
+@pytest.mark.parametrize("batch", ["few", "many"])
+def test_select_rows_matches_twin(impl, kind, num_lists, batch):
     """Row lists on the device: selected tokens first in token order, then zeros;
     per-request starts; the lengths, also added to a running total. Requests of
     lengths 0 (none selected from an empty request) to 1100 (more than one scan
-    block)."""
+    block); more requests than one block of starts."""
     g = torch.Generator().manual_seed(5)
-    lengths = [7, 1100, 0, 1, 33]
+    lengths = [7, 1100, 0, 1, 33] if batch == "few" else [1] * 1030 + [0, 3]
     T = sum(lengths)
     qsl = torch.tensor([0] + lengths).cumsum(0).to(torch.int32).to(DEVICE)
     flags = _flags(T, g, kind)

@@ -426,36 +426,44 @@ def query_delta_reference(q, slot_mapping, cache, layout, eps: float = 1e-6):
 @triton.jit
 def _select_rows_kernel(
     flags_ptr, kv_is_reference_ptr, query_start_loc_ptr, num_reqs, num_tokens,
-    rows_ptr, req_row_start_ptr, counts_ptr, totals_ptr, BLOCK: tl.constexpr,
+    rows_ptr, req_row_start_ptr, counts_ptr, totals_ptr, prefix_ptr, BLOCK: tl.constexpr,
 ):
     # One program per list: 0 = K/V recomputed (flag column 2), 1 = O recomputed
     # (column 3), 2 = Q_ref rewritten (column 2 where the token's request reuses
-    # K/V, else 3). A scan over the batch's tokens, request by request.
+    # K/V, else 3). One scan over the batch's tokens writes the list and, per
+    # token, how many tokens before it were selected; a request's start in the
+    # list is that count at its first token.
     which = tl.program_id(0)
     rows_ptr += which.to(tl.int64) * num_tokens
+    prefix_ptr += which.to(tl.int64) * (num_tokens + 1)
     req_row_start_ptr += which * (num_reqs + 1)
     carry = tl.zeros([], dtype=tl.int32)
-    for b in range(0, num_reqs):
-        tl.store(req_row_start_ptr + b, carry)
-        end = tl.load(query_start_loc_ptr + b + 1)
-        for start in range(tl.load(query_start_loc_ptr + b), end, BLOCK):
-            t = start + tl.arange(0, BLOCK)
-            valid = t < end
-            col = tl.zeros([BLOCK], dtype=tl.int32) + which + 2
-            if which == 2:
-                by_kv = tl.load(kv_is_reference_ptr + t, mask=valid, other=0) != 0
-                col = tl.where(by_kv, 2, 3)
-            f = tl.load(flags_ptr + t.to(tl.int64) * 4 + col, mask=valid, other=0)
-            f = (f != 0).to(tl.int32)
-            at = carry + tl.cumsum(f, axis=0) - 1
-            tl.store(rows_ptr + at, t.to(tl.int64), mask=f != 0)
-            carry += tl.sum(f, axis=0)
-    tl.store(req_row_start_ptr + num_reqs, carry)
+    for start in range(0, num_tokens, BLOCK):
+        t = start + tl.arange(0, BLOCK)
+        valid = t < num_tokens
+        col = tl.zeros([BLOCK], dtype=tl.int32) + which + 2
+        if which == 2:
+            by_kv = tl.load(kv_is_reference_ptr + t, mask=valid, other=0) != 0
+            col = tl.where(by_kv, 2, 3)
+        f = tl.load(flags_ptr + t.to(tl.int64) * 4 + col, mask=valid, other=0)
+        f = (f != 0).to(tl.int32)
+        before = carry + tl.cumsum(f, axis=0) - f
+        tl.store(prefix_ptr + t, before, mask=valid)
+        tl.store(rows_ptr + before, t.to(tl.int64), mask=f != 0)
+        carry += tl.sum(f, axis=0)
+    tl.store(prefix_ptr + num_tokens, carry)
     tl.store(counts_ptr + which, carry)
     tl.store(totals_ptr + which, tl.load(totals_ptr + which) + carry)
     for start in range(carry, num_tokens, BLOCK):  # the rest: 0, a valid token id
         t = start + tl.arange(0, BLOCK)
         tl.store(rows_ptr + t, tl.zeros([BLOCK], dtype=tl.int64), mask=t < num_tokens)
+    tl.debug_barrier()  # the prefix counts, written above, are read back below
+    for start in range(0, num_reqs + 1, BLOCK):
+        b = start + tl.arange(0, BLOCK)
+        valid = b <= num_reqs
+        first = tl.load(query_start_loc_ptr + b, mask=valid, other=0)
+        tl.store(req_row_start_ptr + b, tl.load(prefix_ptr + first, mask=valid, other=0),
+                 mask=valid)
 
 
 def select_rows(
@@ -478,9 +486,10 @@ def select_rows(
     req_row_start = torch.empty(num_lists, num_reqs + 1, dtype=torch.int32,
                                 device=flags.device)
     counts = torch.empty(num_lists, dtype=torch.int32, device=flags.device)
+    prefix = torch.empty(num_lists, T + 1, dtype=torch.int32, device=flags.device)
     _select_rows_kernel[(num_lists,)](
         flags.view(torch.int8), kv_is_reference.view(torch.int8), query_start_loc, num_reqs,
-        T, rows, req_row_start, counts, totals, **select_rows_constexprs())
+        T, rows, req_row_start, counts, totals, prefix, **select_rows_constexprs())
     return rows, req_row_start, counts
 
 
