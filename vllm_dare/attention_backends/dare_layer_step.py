@@ -96,6 +96,8 @@ class DareRuntime:
         self._token_reused = None
         self._token_req = None
         self._layers_run = 0
+        self.reference = "kv"
+        self.kv_may_reuse = self.o_may_reuse = False
         # Row ids 0..T-1 of the step's tokens, shared by its layers.
         self.all_rows = (None if step is None
                          else torch.arange(step.force.shape[0], device=self.device))
@@ -302,7 +304,8 @@ def _selected_rows(meta, cache, block_size, layer_index, runtime, layout, scale,
                              runtime.per_head)
     # Lists 0 (K/V recomputed), 1 (O recomputed), 2 (Q_ref rewritten, when the
     # batch mixes requests whose Q_ref follows K/V with some whose follows O). The
-    # lengths are written straight into the step's per-layer counters.
+    # lengths stay on the device; the kernel also adds them to the step's
+    # per-layer counters.
     num_lists = 3 if runtime.reference == "mixed" else 2
     lists, starts, counts = ops.select_rows(flags, step.kv_is_reference,
                                             meta.query_start_loc, num_lists,
