@@ -213,3 +213,46 @@ def test_dare_backend_classes_pickle_to_themselves(max_mode, queries_per_kv):
                              dtype=torch.bfloat16)
     per_slot = backend.customize_spec(spec).state_content_bytes * spec.num_kv_heads
     assert per_slot == layout.width * 2  # bf16
+
+
+_LAYER_REFUSALS = """
+import socket, torch
+from vllm.config import VllmConfig, set_current_vllm_config
+from vllm.distributed import init_distributed_environment, initialize_model_parallel
+from vllm_dare.attention_backends.dare_layer_step import DareRuntime
+from vllm_dare.model_executor.models.diffusion_attention import DiffusionSelfAttention
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+with set_current_vllm_config(VllmConfig()):
+    init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, "gloo")
+    initialize_model_parallel(1, 1)
+    kw = dict(hidden_size=256, num_heads=4, num_kv_heads=2, max_position=128, qkv_bias=True,
+              rope_full_precision=False, layer_index=0,
+              dare_runtime=DareRuntime(1, False, torch.device("cpu")))
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    DiffusionSelfAttention(rope_parameters=rope, prefix="ok", **kw)
+    print("SERVED")
+    for name, extra in [("partial-rope", dict(rope_parameters={**rope, "partial_rotary_factor": 0.5})),
+                        ("quantized", dict(rope_parameters=rope, quant_config=object()))]:
+        try:
+            DiffusionSelfAttention(prefix=name, **kw, **extra)
+            print(name, "ACCEPTED")
+        except ValueError as e:
+            print(name, "REFUSED:", e)
+"""
+
+
+def test_dare_layer_refuses_weights_and_rope_its_kernels_cannot_read():
+    """The recomputed-rows projection reads the K/V and output weights and the RoPE
+    table as they are: a DARE attention layer with quantized weights, or with RoPE
+    over part of the head, is refused at model construction with the reason (in a
+    subprocess: it sets up vLLM's distributed state)."""
+    result = subprocess.run([sys.executable, "-c", _LAYER_REFUSALS], capture_output=True,
+                            text=True, timeout=300)
+    out = result.stdout
+    assert result.returncode == 0 and "SERVED" in out, out + result.stderr[-3000:]
+    assert ("partial-rope REFUSED: the DARE backend supports full-head rotate-half RoPE "
+            "only, got RotaryEmbedding over 32 of 64 dimensions") in out, out
+    assert "quantized REFUSED: the DARE backend needs unquantized attention weights" in out, out
