@@ -57,9 +57,9 @@ import torch.nn.functional as F
 
 from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
 from vllm_dare.attention_backends.dare_layer_step import (
+    DareProjections,
     DareRuntime,
     DareStepInputs,
-    DareProjections,
     dare_attention_step,
 )
 from vllm_dare.attention_backends.dare_metadata import DareMetadata
