@@ -11,7 +11,7 @@ projection matmuls where the step calls them (query always; key/value and output
 when every row is recomputed, the recomputed-rows kernel otherwise).
 
 Host syncs: ATen ops whose result the host must read back from the device before
-it can go on (``SYNC_OPS``: a scalar read, ``nonzero``'s data-dependent size, ...).
+it can go on (``op_counter.SYNC_OPS``: a scalar read, ``nonzero``'s data-dependent size, ...).
 Each one stops the host from queueing work until the GPU has caught up. The
 per-step sync of ``DareRuntime.begin_step`` is outside the layer and not counted.
 
@@ -28,54 +28,16 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
 os.environ["VLLM_DARE_KERNELS"] = "triton"
 
 import argparse  # noqa: E402
-import collections  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from vllm_dare.tools.op_counter import OpCounter, triton_launches_counted  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dare_attention  # noqa: E402
-
-VIEW_OPS = {"view", "slice", "permute", "select", "detach", "split_with_sizes", "t",
-            "transpose", "reshape", "as_strided", "_reshape_alias", "expand", "unsqueeze",
-            "squeeze", "alias", "_unsafe_view"}
-
-
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "is_nonzero", "masked_select", "item",
-            "repeat_interleave", "_unique2", "unique_consecutive", "equal"}
-
-
-class _Counter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: collections.Counter = collections.Counter()
-        self.paused = False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.paused:
-            self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _count_launches(counter: _Counter, launches: collections.Counter):
-    """Count Triton launches; the interpreter's own tensor work is not the step's."""
-    import triton.runtime.interpreter as interpreter
-
-    original = interpreter.InterpretedFunction.run
-
-    def run(self, *args, **kwargs):
-        launches[self.fn.__name__] += 1
-        counter.paused = True
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            counter.paused = False
-
-    interpreter.InterpretedFunction.run = run
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -90,8 +52,7 @@ def main() -> None:
                                     batch=args.batch, seq_len=args.seq_len, block_size=16,
                                     dtype="float32", reps=1)
     stack = dare_attention.Stack(stack_args, torch.device("cpu"), torch.float32)
-    counter, launches = _Counter(), collections.Counter()
-    _count_launches(counter, launches)
+    counter = OpCounter()
     g = torch.Generator().manual_seed(0)
     # label: (reused rows, predicted): the other rows forced (0%: a refresh step), or
     # nothing forced and the predictor finding every query changed
@@ -107,20 +68,17 @@ def main() -> None:
         stack.dare(stack.runtime(reuse_rows))  # first step: caches filled
         runtime = stack.runtime(reuse_rows, predicted_none=predicted)
         counter.ops.clear()
-        launches.clear()
-        with counter:
+        with triton_launches_counted(counter) as launches, counter:
             stack.dare(runtime, x)
         if predicted:
             assert runtime.layer_counts[0, 1] == 0, "the predictor reused rows"
-        work = {k: n for k, n in counter.ops.items() if k not in VIEW_OPS}
-        views = {k: n for k, n in counter.ops.items() if k in VIEW_OPS}
+        work = counter.work
         rows.append({"setting": label, "torch_ops": sum(work.values()),
                      "triton_launches": sum(launches.values()),
                      "launched": sum(work.values()) + sum(launches.values()),
-                     "view_ops": sum(views.values()),
-                     "host_syncs": sum(n for k, n in work.items() if k in SYNC_OPS),
-                     "ops": work,
-                     "kernels": dict(launches), "views": views})
+                     "view_ops": sum(counter.views.values()),
+                     "host_syncs": sum(counter.syncs.values()),
+                     "ops": work, "kernels": dict(launches), "views": counter.views})
     print(f"One DARE layer step (Triton kernels), {args.batch} x {args.seq_len} tokens, "
           f"counts per layer incl. the projections")
     print(f"{'setting':<32} {'torch ops':>9} {'triton':>7} {'launched':>9} {'syncs':>6} "

@@ -52,18 +52,18 @@ class _RecordingOps:
 
     def __init__(self, ops, layer):
         self._ops, self._layer = ops, layer
-        self.sync_meter = None  # a meter of host syncs that the recording's read is not
+        self.counter = None  # an OpCounter the recording's own read must not reach
 
     def __getattr__(self, name):
         return getattr(self._ops, name)
 
     def project_rows(self, x, weight, bias, rows, count, *args, **kwargs):
         calls = self._layer.kv_calls if weight is self._layer.w_kv else self._layer.o_calls
-        if self.sync_meter is not None:
-            self.sync_meter.paused = True
-        calls.append(int(count))
-        if self.sync_meter is not None:
-            self.sync_meter.paused = False
+        if self.counter is None:
+            calls.append(int(count))
+        else:
+            with self.counter.paused_for():
+                calls.append(int(count))
         return self._ops.project_rows(x, weight, bias, rows, count, *args, **kwargs)
 
 
@@ -284,42 +284,14 @@ def test_attend_all_rows_through_vllms_cache_view(ops, max_mode, monkeypatch):
     assert rows.shape[1] == 2 * HKV * D + layout.query_rows * H * D
 
 
-# ATen ops whose result the host reads back from the device (a sync on a GPU).
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "is_nonzero", "masked_select", "item",
-            "repeat_interleave", "equal"}
-
-
 @pytest.mark.parametrize("plain_weights", [True, False], ids=["kernel", "model-layers"])
-def test_a_step_that_selects_rows_reads_nothing_back_from_the_device(plain_weights, monkeypatch):
+def test_a_step_that_selects_rows_reads_nothing_back_from_the_device(plain_weights):
     """With the Triton kernels and the projections' plain weights, a layer that
     reuses rows queues all its work without waiting for the GPU: no op of the step
     reads a device value back (its row lists and their lengths stay on the device).
     Without plain weights (vLLM's CPU build) the two lengths are read, and only those."""
-    import triton.runtime.interpreter as interpreter
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from vllm_dare.tools.op_counter import OpCounter, triton_launches_counted
 
-    class Syncs(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen, self.paused = [], False
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            if not self.paused and name in SYNC_OPS:
-                self.seen.append(name)
-            return func(*args, **(kwargs or {}))
-
-    syncs = Syncs()
-    run = interpreter.InterpretedFunction.run
-
-    def kernel_launch(self, *args, **kwargs):  # the interpreter's own work is no sync
-        syncs.paused = True
-        try:
-            return run(self, *args, **kwargs)
-        finally:
-            syncs.paused = False
-
-    monkeypatch.setattr(interpreter.InterpretedFunction, "run", kernel_launch)
     layer = Layer(triton_dare_kernels)
     layer.plain_weights = plain_weights
     first = layer.step(None)
@@ -329,12 +301,14 @@ def test_a_step_that_selects_rows_reads_nothing_back_from_the_device(plain_weigh
     layer.runtime.begin_step(DareStepInputs(force.to(DEVICE), t, t,
                                             torch.ones_like(force, device=DEVICE), True), 2)
     q = layer.x @ layer.w_q.T
-    layer.runtime.ops.sync_meter = syncs
-    with syncs:
+    counter = OpCounter()
+    layer.runtime.ops.counter = counter
+    with triton_launches_counted(counter), counter:
         out = dare_attention_step(layer.meta, layer.cache, BLOCK, 0, layer.runtime,
                                   layer.layout, D**-0.5, q, layer.projections())
     torch.testing.assert_close(out, first, **TOL)
-    assert syncs.seen == ([] if plain_weights else ["_local_scalar_dense"] * 2)
+    assert counter.syncs == ({} if plain_weights else {"_local_scalar_dense": 2})
+    assert counter.work  # it counted the step's ops
     assert layer.kv_calls[-1] == 4 and layer.o_calls[-1] == 4
 
 
