@@ -39,8 +39,8 @@ def variants():
     for name, (heads, kv_heads, head_dim) in LAYOUTS.items():
         layout = DareCacheLayout(heads, kv_heads, head_dim)
         for dtype, dt in DTYPES.items():
-            for block_size, rows in [(16, 64), (32, 8)]:  # tile sizes 64 and 16
-                if dtype == torch.float32 and (rows < 64 or name != "dream-7b"):
+            for block_size, rows in [(16, 4096), (16, 256), (32, 8)]:  # each tile size
+                if dtype == torch.float32 and (rows != 4096 or name != "dream-7b"):
                     continue  # the fp32 tile takes ~8 s to compile; one is enough
                 yield (k._paged_attention_rows_kernel, dict(
                     q_ptr=f"*{dt}", q_stride_t="i32", q_stride_h="i32", cache_ptr=f"*{dt}",
@@ -57,16 +57,20 @@ def variants():
                     k.write_rows_constexprs(layout.q_width, by_token, counted), f"{name} {dt}")
             if dtype != torch.float32 or name == "dream-7b":  # fp32 dots compile slowly
                 # K/V projection into the cache (bias: Dream; RoPE table in fp32 or the
-                # model dtype), output projection to the layer output and O slots.
-                for rope_dt, bias in [("fp32", name == "dream-7b"), (dt, False)]:
-                    yield (k._project_rows_kernel, _project_args(dt, rope_dt, bias, False),
-                           k.project_rows_constexprs(layout.q_width, head_dim, dtype, kv_heads,
-                                                     bias, out_at_slot=True, has_out2=False),
-                           f"{name} {dt} K/V, rope {rope_dt}")
-                yield (k._project_rows_kernel, _project_args(dt, dt, False, True),
-                       k.project_rows_constexprs(layout.q_width, head_dim, dtype, 0, False,
-                                                 out_at_slot=False, has_out2=True),
-                       f"{name} {dt} O")
+                # model dtype), output projection to the layer output and O slots;
+                # the tiles for short and long row lists.
+                for rows in (256, 4096):
+                    for rope_dt, bias in [("fp32", name == "dream-7b"), (dt, False)]:
+                        yield (k._project_rows_kernel, _project_args(dt, rope_dt, bias, False),
+                               k.project_rows_constexprs(layout.q_width, head_dim, dtype,
+                                                         kv_heads, bias, out_at_slot=True,
+                                                         has_out2=False, rows=rows),
+                               f"{name} {dt} K/V, rope {rope_dt}, {rows} rows")
+                    yield (k._project_rows_kernel, _project_args(dt, dt, False, True),
+                           k.project_rows_constexprs(layout.q_width, head_dim, dtype, 0, False,
+                                                     out_at_slot=False, has_out2=True,
+                                                     rows=rows),
+                           f"{name} {dt} O, {rows} rows")
             yield (k._write_kv_rows_kernel, dict(
                 k_ptr=f"*{dt}", k_stride="i32", v_ptr=f"*{dt}", v_stride="i32", rows_ptr="*i64",
                 slot_mapping_ptr="*i64", cache_ptr=f"*{dt}", cache_stride="i32"),
@@ -111,12 +115,15 @@ def main() -> int:
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
     for kernel, runtime_args, constexprs, label in variants():
+        options = {name: constexprs.pop(name) for name in ("num_warps", "num_stages")
+                   if name in constexprs}
         signature = {name: "constexpr" if name in constexprs else runtime_args[name]
                      for name in kernel.arg_names}
-        what = f"{kernel.__name__} [{label}] {constexprs}"
+        what = f"{kernel.__name__} [{label}] {constexprs} {options}"
         start = time.perf_counter()
         try:
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=target)
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=target,
+                                      options=options)
             cubin = compiled.asm["cubin"]
         except Exception:  # report every variant, then fail
             failures += 1

@@ -17,6 +17,9 @@
   slots (K/V) or the layer output and its O slots: tiles past the list's length
   return at once.
 
+* ``dense_attention`` (no kernel of ours: PyTorch's SDPA) -- a step that recomputes
+  every row of whole, equally long sequences attends on its own keys and values.
+
 ``write_rows``, ``paged_attention_rows`` and ``project_rows`` take lists padded to
 every token with their length on the device, so a layer step that reuses rows
 launches all its work without waiting for the GPU.
@@ -82,6 +85,7 @@ def _paged_attention_rows_kernel(
     if FP32_DOT:
         q = q.to(tl.float32)
 
+    qk_scale = scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -98,11 +102,12 @@ def _paged_attention_rows_kernel(
         if FP32_DOT:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+        # Scores in log2 units (scale * log2(e) folded in), for exp2.
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(valid[None, :], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v,
                                             input_precision=DOT_PRECISION)
         l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -110,6 +115,16 @@ def _paged_attention_rows_kernel(
     out = acc / l_i[:, None]
     tl.store(out_ptr + token[:, None] * out_stride_t + head * out_stride_h + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def _override(meta: dict, tiles: dict | None, kernel: str, names: set[str]) -> None:
+    """Replace a launch's default tile sizes (``names``) and launch parameters with
+    ``tiles`` (for ``benchmarks/kernel_tiles.py``, which sweeps them)."""
+    if tiles:
+        unknown = set(tiles) - names - {"num_warps", "num_stages"}
+        if unknown:
+            raise ValueError(f"{kernel}: unknown tile parameters {sorted(unknown)}")
+        meta.update(tiles)
 
 
 def _interpreted() -> bool:
@@ -130,6 +145,7 @@ def paged_attention_rows(
     scale: float,
     max_rows_per_req: int | None = None,
     req_row_start: torch.Tensor | None = None,
+    tiles: dict | None = None,  # overrides of BLOCK_M, BLOCK_N, num_warps, num_stages
 ) -> None:
     """Flash-style: one program per (query head, tile of up to BLOCK_M selected rows,
     request), keys and values streamed from the paged cache in BLOCK_N chunks
@@ -155,6 +171,7 @@ def paged_attention_rows(
         boundaries = torch.arange(num_reqs + 1, dtype=row_req.dtype, device=q.device)
         req_row_start = torch.searchsorted(row_req, boundaries, out_int32=True)
     meta = paged_attention_constexprs(layout, block_size, R, q.dtype)
+    _override(meta, tiles, "paged_attention_rows", {"BLOCK_M", "BLOCK_N"})
     grid = (layout.num_heads, triton.cdiv(bound, meta["BLOCK_M"]), num_reqs)
     _paged_attention_rows_kernel[grid](
         q, q.stride(0), q.stride(1),
@@ -167,17 +184,47 @@ def paged_attention_rows(
     )
 
 
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DareCacheLayout,
+                    seq_len: int, scale: float) -> torch.Tensor:
+    """Bidirectional attention of requests of ``seq_len`` tokens each, laid end to
+    end, on their own keys and values (no cache): q ``[T, H, D]``, k and v
+    ``[T, Hkv * D]`` (any row stride); returns ``[T, H, D]``. For a step that
+    recomputes every row of whole sequences, where the paged cache holds nothing
+    else: PyTorch's SDPA (FlashAttention on a GPU) in the tensors' dtype, as exact
+    mode runs it, about twice as fast as ``paged_attention_rows`` over every row
+    (``benchmarks/kernel_tiles.py --kernel attention``, H100)."""
+    T, H, D = q.shape
+    R = T // seq_len
+    qd, kd, vd = (t.reshape(R, seq_len, -1, D).transpose(1, 2) for t in (q, k, v))
+    if _interpreted():  # CPU tests: fp32 like the twin
+        qd, kd, vd = qd.float(), kd.float(), vd.float()
+    o = torch.nn.functional.scaled_dot_product_attention(
+        qd, kd, vd, scale=scale, enable_gqa=H != layout.num_kv_heads)
+    return o.transpose(1, 2).reshape(T, H, D).to(q.dtype)
+
+
 def paged_attention_constexprs(layout: DareCacheLayout, block_size: int, rows: int,
                                dtype: torch.dtype) -> dict:
-    """The compile-time parameters ``paged_attention_rows`` launches its kernel with
-    (``rows``: how many rows are selected)."""
+    """The compile-time and launch parameters ``paged_attention_rows`` runs its kernel
+    with (``rows``: the length of the row list). The 16-bit tiles are the fastest of
+    ``benchmarks/kernel_tiles.py --kernel attention`` on an H100 (geometric mean over
+    LLaDA-8B and Dream-7B layouts, under and over 1024 rows)."""
+    fp32 = dtype == torch.float32
+    if rows < 64:
+        tiles = dict(BLOCK_M=16, BLOCK_N=64)
+    elif fp32:
+        tiles = dict(BLOCK_M=64, BLOCK_N=64)
+    elif rows < 1024:
+        tiles = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2)
+    else:
+        tiles = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)
     return dict(
         K_OFFSET=layout.k_offset, V_OFFSET=layout.v_offset,
         HEAD_DIM=layout.head_dim, BLOCK_D=max(16, triton.next_power_of_2(layout.head_dim)),
         QUERIES_PER_KV=layout.num_heads // layout.num_kv_heads,
-        BLOCK_SIZE=block_size, BLOCK_M=64 if rows >= 64 else 16, BLOCK_N=64,
-        FP32_DOT=dtype == torch.float32 or _interpreted(),
-        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        BLOCK_SIZE=block_size, **tiles,
+        FP32_DOT=fp32 or _interpreted(),
+        DOT_PRECISION="ieee" if fp32 else "tf32",
     )
 
 
@@ -527,12 +574,14 @@ def _project_rows_kernel(
     out_ptr, out_stride, out_col, out2_ptr, out2_stride, out2_col,
     IN_FEATURES: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
     ROPE_HEADS: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_AT_SLOT: tl.constexpr, HAS_OUT2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FULL_HEAD: tl.constexpr,
     FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # One program per (tile of BLOCK_M listed rows, output head of 2 * HALF
-    # columns). The head is computed as its two halves, so that rotary embedding
-    # (rotate-half, as LLaDA and Dream use it) can pair them in the epilogue.
+    # columns). The epilogue works on the head's two halves, so that rotary
+    # embedding (rotate-half, as LLaDA and Dream use it) can pair them: with
+    # FULL_HEAD (HALF a power of two) the product is one dot over the whole head,
+    # split in registers afterwards; else one dot per half.
     tile = tl.program_id(0)
     head = tl.program_id(1)
     count = tl.load(count_ptr)
@@ -545,22 +594,40 @@ def _project_rows_kernel(
     j_valid = j < HALF
     n_lo = (head * (2 * HALF) + j).to(tl.int64)
     n_hi = n_lo + HALF
-    acc_lo = tl.zeros([BLOCK_M, BLOCK_HALF], dtype=tl.float32)
-    acc_hi = tl.zeros([BLOCK_M, BLOCK_HALF], dtype=tl.float32)
-    for k0 in range(0, IN_FEATURES, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_valid = k < IN_FEATURES
-        a = tl.load(x_ptr + token[:, None] * x_stride + k[None, :],
-                    mask=m_valid[:, None] & k_valid[None, :], other=0.0)
-        w_mask = k_valid[:, None] & j_valid[None, :]
-        w_lo = tl.load(w_ptr + n_lo[None, :] * w_stride + k[:, None], mask=w_mask, other=0.0)
-        w_hi = tl.load(w_ptr + n_hi[None, :] * w_stride + k[:, None], mask=w_mask, other=0.0)
-        if FP32_DOT:
-            a = a.to(tl.float32)
-            w_lo = w_lo.to(tl.float32)
-            w_hi = w_hi.to(tl.float32)
-        acc_lo = tl.dot(a, w_lo, acc_lo, input_precision=DOT_PRECISION)
-        acc_hi = tl.dot(a, w_hi, acc_hi, input_precision=DOT_PRECISION)
+    if FULL_HEAD:
+        n = (head * (2 * HALF) + tl.arange(0, 2 * HALF)).to(tl.int64)
+        acc = tl.zeros([BLOCK_M, 2 * HALF], dtype=tl.float32)
+        for k0 in range(0, IN_FEATURES, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_valid = k < IN_FEATURES
+            a = tl.load(x_ptr + token[:, None] * x_stride + k[None, :],
+                        mask=m_valid[:, None] & k_valid[None, :], other=0.0)
+            w = tl.load(w_ptr + n[None, :] * w_stride + k[:, None], mask=k_valid[:, None],
+                        other=0.0)
+            if FP32_DOT:
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+    else:
+        acc_lo = tl.zeros([BLOCK_M, BLOCK_HALF], dtype=tl.float32)
+        acc_hi = tl.zeros([BLOCK_M, BLOCK_HALF], dtype=tl.float32)
+        for k0 in range(0, IN_FEATURES, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_valid = k < IN_FEATURES
+            a = tl.load(x_ptr + token[:, None] * x_stride + k[None, :],
+                        mask=m_valid[:, None] & k_valid[None, :], other=0.0)
+            w_mask = k_valid[:, None] & j_valid[None, :]
+            w_lo = tl.load(w_ptr + n_lo[None, :] * w_stride + k[:, None], mask=w_mask,
+                           other=0.0)
+            w_hi = tl.load(w_ptr + n_hi[None, :] * w_stride + k[:, None], mask=w_mask,
+                           other=0.0)
+            if FP32_DOT:
+                a = a.to(tl.float32)
+                w_lo = w_lo.to(tl.float32)
+                w_hi = w_hi.to(tl.float32)
+            acc_lo = tl.dot(a, w_lo, acc_lo, input_precision=DOT_PRECISION)
+            acc_hi = tl.dot(a, w_hi, acc_hi, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc_lo += tl.load(bias_ptr + n_lo, mask=j_valid, other=0.0).to(tl.float32)[None, :]
         acc_hi += tl.load(bias_ptr + n_hi, mask=j_valid, other=0.0).to(tl.float32)[None, :]
@@ -607,6 +674,7 @@ def project_rows(
     positions: torch.Tensor | None = None,  # [T], with rope
     cos_sin_cache: torch.Tensor | None = None,  # [max_position, head_dim]: cos | sin
     rope_heads: int = 0,  # rotary embedding on the first rope_heads heads of the output
+    tiles: dict | None = None,  # overrides of BLOCK_M, BLOCK_K, FULL_HEAD, num_warps, num_stages
 ) -> None:
     """``y_i = x[rows[i]] @ weight.T + bias`` for the first ``count`` listed rows
     only, then (``rope_heads``) neox rotary embedding of the leading heads at the
@@ -630,7 +698,8 @@ def project_rows(
     meta = project_rows_constexprs(x.shape[1], head_dim, weight.dtype, rope_heads,
                                    bias is not None,
                                    out_at_slot=out_at_slot,
-                                   has_out2=out2 is not None)
+                                   has_out2=out2 is not None, rows=T)
+    _override(meta, tiles, "project_rows", {"BLOCK_M", "BLOCK_K", "FULL_HEAD"})
     grid = (triton.cdiv(T, meta["BLOCK_M"]), n_out // head_dim)
     dummy = rows  # for pointers a variant never reads
     _project_rows_kernel[grid](
@@ -647,17 +716,28 @@ def project_rows(
 
 def project_rows_constexprs(in_features: int, head_dim: int, dtype: torch.dtype,
                             rope_heads: int, has_bias: bool,
-                            out_at_slot: bool, has_out2: bool) -> dict:
-    """The compile-time parameters ``project_rows`` launches its kernel with. Tile
-    sizes are untuned (no GPU to tune on): 64 rows x one head, 64-deep K steps
-    (32 rows and 32-deep for fp32, which doubles the shared memory per stage)."""
+                            out_at_slot: bool, has_out2: bool, rows: int) -> dict:
+    """The compile-time and launch parameters ``project_rows`` runs its kernel with
+    (``rows``: the length of the row list). The 16-bit tiles are the fastest of
+    ``benchmarks/kernel_tiles.py --kernel project_rows`` on an H100 (geometric mean
+    over LLaDA-8B's and Dream-7B's K/V and output projections, under and over 1024
+    rows): one dot over the whole head when its half is a power of two. fp32 (not
+    tuned) keeps 32 x 32 tiles, as its operands take twice the shared memory."""
     fp32 = dtype == torch.float32
     half = head_dim // 2
+    block_half = max(16, triton.next_power_of_2(half))
+    if fp32:
+        tiles = dict(BLOCK_M=32, BLOCK_K=32, FULL_HEAD=False)
+    elif rows < 1024:
+        tiles = dict(BLOCK_M=64, BLOCK_K=64, FULL_HEAD=half == block_half, num_warps=4,
+                     num_stages=4)
+    else:
+        tiles = dict(BLOCK_M=128, BLOCK_K=64, FULL_HEAD=half == block_half, num_warps=4,
+                     num_stages=3)
     return dict(
-        IN_FEATURES=in_features, HALF=half, BLOCK_HALF=max(16, triton.next_power_of_2(half)),
+        IN_FEATURES=in_features, HALF=half, BLOCK_HALF=block_half,
         ROPE_HEADS=rope_heads, HAS_BIAS=has_bias,
-        OUT_AT_SLOT=out_at_slot, HAS_OUT2=has_out2,
-        BLOCK_M=32 if fp32 else 64, BLOCK_K=32 if fp32 else 64,
+        OUT_AT_SLOT=out_at_slot, HAS_OUT2=has_out2, **tiles,
         FP32_DOT=fp32 or _interpreted(), DOT_PRECISION="ieee" if fp32 else "tf32",
     )
 
