@@ -57,6 +57,14 @@ class _RecordingOps:
     def __getattr__(self, name):
         return getattr(self._ops, name)
 
+    def paged_attention_rows(self, *args, **kwargs):
+        self._layer.paged_attention_calls += 1
+        return self._ops.paged_attention_rows(*args, **kwargs)
+
+    def dense_attention(self, *args, **kwargs):
+        self._layer.dense_attention_calls += 1
+        return self._ops.dense_attention(*args, **kwargs)
+
     def project_rows(self, x, weight, bias, rows, count, *args, **kwargs):
         calls = self._layer.kv_calls if weight is self._layer.w_kv else self._layer.o_calls
         if self.counter is None:
@@ -72,28 +80,30 @@ class Layer:
     requests. ``kv_calls`` / ``o_calls``: the rows each K/V and output projection
     computed, through the model's layers or the recomputed-rows kernel."""
 
-    def __init__(self, ops):
+    def __init__(self, ops, seq_lens=SEQ_LENS, full_sequences: bool = False):
         g = torch.Generator().manual_seed(0)
+        self.seq_lens = seq_lens
         hidden = H * D
         self.layout = DareCacheLayout(H, HKV, D)
         self.w_q = torch.randn(H * D, hidden, generator=g) / hidden**0.5
         self.w_kv = torch.randn(2 * HKV * D, hidden, generator=g) / hidden**0.5
         self.w_o = torch.randn(hidden, H * D, generator=g) / hidden**0.5
-        self.T = sum(SEQ_LENS)
+        self.T = sum(seq_lens)
         self.x = torch.randn(self.T, hidden, generator=g)
         # request 1's blocks come first in the pool but are listed second: paging
         block_table = torch.tensor([[2, 3], [0, 1]], dtype=torch.int32)
         slots, token_req = [], []
-        for r, n in enumerate(SEQ_LENS):
+        for r, n in enumerate(seq_lens):
             for p in range(n):
                 slots.append(int(block_table[r, p // BLOCK]) * BLOCK + p % BLOCK)
                 token_req.append(r)
         self.meta = DareMetadata(
             num_actual_tokens=self.T, num_reqs=2,
-            query_start_loc=torch.tensor([0, SEQ_LENS[0], self.T]),
-            seq_lens=torch.tensor(SEQ_LENS, dtype=torch.int32), block_table=block_table,
+            query_start_loc=torch.tensor([0, seq_lens[0], self.T]),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_table=block_table,
             slot_mapping=torch.tensor(slots), token_req=torch.tensor(token_req, dtype=torch.int32),
-            causal=False, max_query_len=max(SEQ_LENS),
+            causal=False, max_query_len=max(seq_lens),
+            full_sequence_len=seq_lens[0] if full_sequences else None,
         )
         self.cache = torch.randn(4 * BLOCK, self.layout.width, generator=g)
         for name in ("w_q", "w_kv", "w_o", "x", "cache"):
@@ -102,8 +112,8 @@ class Layer:
             k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v
             for k, v in vars(self.meta).items()
         })
-        self.positions = torch.cat([torch.arange(n) for n in SEQ_LENS]).to(DEVICE)
-        self.cos_sin = _rope_cache(max(SEQ_LENS)).to(DEVICE)
+        self.positions = torch.cat([torch.arange(n) for n in seq_lens]).to(DEVICE)
+        self.cos_sin = _rope_cache(max(seq_lens)).to(DEVICE)
         self.runtime = DareRuntime(1, per_head=False, device=DEVICE)
         self.runtime.ops = _RecordingOps(ops, self)
         # False: no plain weights (vLLM's CPU build): selected rows go through the
@@ -112,6 +122,7 @@ class Layer:
         self.kv_calls: list[int] = []
         self.kv_rows: list = []
         self.o_calls: list[int] = []
+        self.paged_attention_calls = self.dense_attention_calls = 0
 
     def step(self, force: torch.Tensor | None, tau: float = 0.05,
              keeps: tuple[bool, bool] | None = None) -> torch.Tensor:
@@ -153,7 +164,7 @@ class Layer:
     def dense(self, project: bool = True) -> torch.Tensor:
         """Exact bidirectional attention (+ output projection) of every token."""
         outs, start = [], 0
-        for n in SEQ_LENS:
+        for n in self.seq_lens:
             x = self.x[start : start + n]
             start += n
             q = (x @ self.w_q.T).view(n, H, D).transpose(0, 1)
@@ -173,6 +184,30 @@ def test_first_step_computes_every_row_exactly(ops):
     torch.testing.assert_close(out, layer.dense(), **TOL)
     assert layer.kv_calls == [layer.T] and layer.o_calls == [layer.T]
     assert layer.runtime.layer_counts[0].tolist() == [layer.T, 0, 0]
+
+
+@OPS
+def test_whole_equal_sequences_recomputed_attend_on_their_own_keys_and_values(ops):
+    # Two requests of 12 tokens, every query its whole sequence: a step that
+    # recomputes every row attends on the step's keys and values (dense), with the
+    # same output and the same cache as through the paged cache; a step that reuses
+    # rows reads the cache.
+    paged = Layer(ops, seq_lens=[12, 12])
+    dense = Layer(ops, seq_lens=[12, 12], full_sequences=True)
+    for layer in (paged, dense):
+        out = layer.step(None)
+        torch.testing.assert_close(out, layer.dense(), **TOL)
+    assert (paged.paged_attention_calls, paged.dense_attention_calls) == (1, 0)
+    assert (dense.paged_attention_calls, dense.dense_attention_calls) == (0, 1)
+    torch.testing.assert_close(dense.cache, paged.cache, **TOL)
+    everything = torch.ones(dense.T, dtype=torch.bool)
+    torch.testing.assert_close(dense.step(everything), dense.dense(), **TOL)  # forced
+    assert dense.dense_attention_calls == 2
+    force = torch.zeros(dense.T, dtype=torch.bool)
+    force[[3, 17]] = True
+    torch.testing.assert_close(dense.step(force), dense.dense(), **TOL)
+    assert (dense.paged_attention_calls, dense.dense_attention_calls) == (1, 2)
+    assert dense.kv_calls[-1] == 2 and dense.o_calls[-1] == 2
 
 
 @OPS

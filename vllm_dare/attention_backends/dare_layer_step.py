@@ -268,23 +268,32 @@ def _every_row(meta, cache, block_size, layer_index, runtime, layout, scale, q, 
     ops.write_kv_rows(k, v, rows, slots, cache, layout)
     if keeps_reference:
         ops.write_rows(q, rows, slots, cache, layout.qref_offset, src_by_token=True)
-    out = _attend_every_row(ops, meta, cache, block_size, layout, scale, q, rows, proj)
+    out = _attend_every_row(ops, meta, cache, block_size, layout, scale, q, rows, proj, (k, v))
     if keeps_o:
         ops.write_rows(out, rows, slots, cache, layout.o_offset)
     runtime.count(layer_index, meta)
     return out
 
 
-def _attend_every_row(ops, meta, cache, block_size, layout, scale, q, rows, proj):
+def _attend_every_row(ops, meta, cache, block_size, layout, scale, q, rows, proj,
+                      kv: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Attention and output projection of every row, in token order (the batch's
-    ``query_start_loc`` says where each request's rows start)."""
+    ``query_start_loc`` says where each request's rows start). ``kv``: every token's
+    keys and values of this step, when it computed them all; if, besides, every
+    request's query is its whole sequence (``meta.full_sequence_len``), they are the
+    whole context, and attention runs on them as dense tensors, as exact mode does,
+    instead of gathering them back from the paged cache."""
     T = q.shape[0]
-    attn = torch.empty(T, layout.num_heads, layout.head_dim, dtype=q.dtype, device=q.device)
-    ops.paged_attention_rows(q.view(T, layout.num_heads, layout.head_dim), cache, layout,
-                             meta.block_table, meta.seq_lens, rows, meta.token_req, attn,
-                             block_size, scale, max_rows_per_req=meta.max_query_len,
-                             req_row_start=meta.query_start_loc)
-    return proj.project_o(attn.view(T, layout.q_width))
+    q = q.view(T, layout.num_heads, layout.head_dim)
+    if kv is not None and meta.full_sequence_len is not None and not meta.causal:
+        attn = ops.dense_attention(q, kv[0], kv[1], layout, meta.full_sequence_len, scale)
+    else:
+        attn = torch.empty_like(q)
+        ops.paged_attention_rows(q, cache, layout, meta.block_table, meta.seq_lens, rows,
+                                 meta.token_req, attn, block_size, scale,
+                                 max_rows_per_req=meta.max_query_len,
+                                 req_row_start=meta.query_start_loc)
+    return proj.project_o(attn.reshape(T, layout.q_width))
 
 
 def _selected_rows(meta, cache, block_size, layer_index, runtime, layout, scale, q, proj,
@@ -314,6 +323,8 @@ def _selected_rows(meta, cache, block_size, layer_index, runtime, layout, scale,
     def count(which: int) -> torch.Tensor:
         return counts[which : which + 1]
 
+    every_kv = None  # every token's keys and values, when none may be reused
+
     if runtime.kv_may_reuse and proj.kv_weight is not None:
         # Keys (RoPE applied) and values of the recomputed rows, into their slots.
         rope = proj.cos_sin_cache is not None
@@ -330,6 +341,7 @@ def _selected_rows(meta, cache, block_size, layer_index, runtime, layout, scale,
     else:
         k, v = proj.project_kv(slice(0, T))
         ops.write_kv_rows(k, v, runtime.all_rows, slots, cache, layout)
+        every_kv = (k, v)
     if step.keeps_reference:
         ref = {"kv": 0, "o": 1, "mixed": 2}[runtime.reference]
         ops.write_rows(q, lists[ref], slots, cache, layout.qref_offset, src_by_token=True,
@@ -360,7 +372,7 @@ def _selected_rows(meta, cache, block_size, layer_index, runtime, layout, scale,
                     ops.write_rows(projected, o_rows, slots, cache, layout.o_offset)
     else:
         out = _attend_every_row(ops, meta, cache, block_size, layout, scale, q,
-                                runtime.all_rows, proj)
+                                runtime.all_rows, proj, every_kv)
         if step.keeps_o:
             ops.write_rows(out, runtime.all_rows, slots, cache, layout.o_offset)
     runtime.count(layer_index, meta, flags[:, :2])

@@ -22,6 +22,12 @@ class DareMetadata:
     token_req: torch.Tensor  # int32 [num_tokens]: request of each token
     causal: bool
     max_query_len: int  # tokens of the longest request in this batch (host int)
+    # L when every request's query is its whole sequence and all are L tokens long (a
+    # diffusion step over whole canvases, no cached prefix): the step's own keys and
+    # values are then every request's entire context, and a step that recomputes
+    # every row attends on them directly (``dense_attention``) instead of through
+    # the paged cache. None otherwise.
+    full_sequence_len: int | None = None
 
 
 def slot_rows(kv_cache: torch.Tensor, layout: DareCacheLayout, dtype: torch.dtype) -> torch.Tensor:

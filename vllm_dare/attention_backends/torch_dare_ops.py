@@ -57,6 +57,19 @@ def paged_attention_rows(
     out[row_token] = o.transpose(1, 2)[row_req, rank].to(out.dtype)
 
 
+def dense_attention(q, k, v, layout: DareCacheLayout, seq_len: int, scale: float):
+    """Bidirectional attention of requests of ``seq_len`` tokens each, laid end to
+    end, on their own keys and values (no cache): q ``[T, H, D]``, k and v
+    ``[T, Hkv * D]`` (any row stride); returns ``[T, H, D]``. In fp32, as
+    ``paged_attention_rows`` computes it here."""
+    T, H, D = q.shape
+    R, Hkv = T // seq_len, layout.num_kv_heads
+    qd, kd, vd = (t.reshape(R, seq_len, -1, D).transpose(1, 2).float() for t in (q, k, v))
+    o = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, scale=scale,
+                                                         enable_gqa=H != Hkv)
+    return o.transpose(1, 2).reshape(T, H, D).to(q.dtype)
+
+
 def write_rows(src, rows, slot_mapping, cache, col_offset: int,
                src_by_token: bool = False, count: torch.Tensor | None = None) -> None:
     if count is not None:
