@@ -19,7 +19,10 @@ that drift in the machine's speed hits every setting alike):
                output projection;
 * engine off -- the engine's layer step in DARE mode off (what the DARE backend
                runs in exact mode: K/V of every token written to the paged cache, no
-               predictor, no Q_ref or O writes; paged kernels);
+               predictor, no Q_ref or O writes). Every request's query is its whole
+               sequence (a denoising step over whole canvases), so a step that
+               recomputes every row attends on its own K/V (``dense_attention``:
+               SDPA), not through the paged cache;
 * DARE r    -- the engine's layer step (``dare_layer_step.dare_attention_step``):
                query projection of every token, query delta against Q_ref (from the
                paged cache), K/V projection + cache write of the (1-r) recomputed
@@ -38,7 +41,11 @@ that drift in the machine's speed hits every setting alike):
 
 Prints a table and writes JSON with every setting. Runs on the GPU (Triton kernels)
 when one is present, else on CPU (vectorised PyTorch ops). ``--profile`` prints the
-busiest ops of one DARE forward at each reuse rate (torch profiler).
+busiest ops of one DARE forward at each reuse rate (torch profiler). By default each
+call is launched eagerly from Python, as vLLM runs a diffusion step; on a GPU,
+``--cuda-graph`` times replays of each setting captured in a CUDA graph instead: the
+GPU's own time, without the host's launch overhead (a DARE step that selects rows
+never syncs with the host, so it can be captured).
 
     .venv/bin/python benchmarks/dare_attention.py --shape llada-8b --seq-len 256
 """
@@ -142,7 +149,7 @@ class Stack:
             seq_lens=torch.full((R,), L, dtype=torch.int32, device=device),
             block_table=block_table, slot_mapping=slot_mapping,
             token_req=torch.arange(R, device=device, dtype=torch.int32).repeat_interleave(L),
-            causal=False, max_query_len=L,
+            causal=False, max_query_len=L, full_sequence_len=L,
         )
         self.scale = D**-0.5
 
@@ -207,6 +214,20 @@ class Stack:
         return runtime
 
 
+def _graphed(fn):
+    """``fn`` captured once in a CUDA graph: its replay (the GPU's time for the work,
+    without the host's launch overhead)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def _profile(fn, device) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -239,7 +260,13 @@ def run(args) -> dict:
     fns.update({rate: (lambda rt=rt: stack.dare(rt)) for rate, rt in runtimes.items()})
     shifted = stack.x * 1.5
     fns[PREDICTED_NONE] = lambda: stack.dare(runtimes[PREDICTED_NONE], shifted)
-    times = _time_interleaved(fns, device, args.reps)
+    # What each setting reuses, from one eager forward (graph replays do not count).
+    reused = {}
+    for rate, runtime in runtimes.items():
+        fns[rate]()
+        reused[rate] = runtime.layer_counts.sum(0).tolist()  # tokens, K/V, O reused
+    timed = {name: _graphed(fn) for name, fn in fns.items()} if args.cuda_graph else fns
+    times = _time_interleaved(timed, device, args.reps)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     t_exact, t_off = med["exact"], med["off"]
 
@@ -248,8 +275,8 @@ def run(args) -> dict:
         return statistics.median(b / t for b, t in zip(times[base], times[name]))
 
     results = []
-    for rate, runtime in runtimes.items():
-        counts = runtime.layer_counts.sum(0).tolist()  # tokens, K/V reused, O reused
+    for rate in runtimes:
+        counts = reused[rate]
         results.append({"reuse": 0.0 if rate == PREDICTED_NONE else rate,
                         "setting": str(rate), "dare_ms": med[rate] * 1e3, "exact_ms": t_exact * 1e3,
                         "speedup_vs_exact": paired("exact", rate),
@@ -275,6 +302,7 @@ def run(args) -> dict:
         "exact_ms": t_exact * 1e3,
         "engine_off_ms": t_off * 1e3,
         "engine_off_speedup_vs_exact": paired("exact", "off"),
+        "launch": "cuda_graph" if args.cuda_graph else "eager",
         "timing": "every setting timed round-robin, reps rounds; ms are medians; "
                   "speed-ups are medians of the per-round ratios",
         "results": results,
@@ -295,6 +323,10 @@ def main() -> None:
     parser.add_argument("--reuse", type=float, nargs="+", default=[0.0, 0.5, 0.87, 0.95])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="time replays of each setting captured in a CUDA graph (the "
+                             "GPU's time, no launch overhead; vLLM runs diffusion steps "
+                             "eagerly, so eager timing is what serving sees)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     report = run(args)
@@ -303,7 +335,8 @@ def main() -> None:
     print(f"DARE {what}, {report['shape']} (hidden {report['hidden']}, heads "
           f"{report['heads']}/{report['kv_heads']}, head_dim {report['head_dim']}), "
           f"batch {report['batch']} x seq {report['seq_len']}, block {report['block_size']}, "
-          f"{report['dtype']}, {report['device']}, kernels: {report['kernels']}")
+          f"{report['dtype']}, {report['device']}, kernels: {report['kernels']}, "
+          f"launched {report['launch'].replace('_', ' ')}")
     print(f"exact (SDPA) {report['exact_ms']:.2f} ms; engine step with nothing reused "
           f"{report['engine_off_ms']:.2f} ms "
           f"({report['engine_off_speedup_vs_exact']:.2f}x; speed-ups are medians of "
@@ -314,6 +347,7 @@ def main() -> None:
               f"{r['speedup_vs_exact']:>8.2f}x {r['speedup_vs_engine_off']:>7.2f}x")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     scope = "" if args.scope == "attention" else f"_decoder{args.layers}"
+    scope += "_graph" if args.cuda_graph else ""
     out = Path(args.out or f"benchmarks/results/dare_attention_{report['shape']}{scope}_"
                f"{device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
