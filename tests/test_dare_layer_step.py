@@ -19,7 +19,7 @@ from vllm_dare.attention_backends.dare_layer_step import (
     DareStepInputs,
     dare_attention_step,
 )
-from vllm_dare.attention_backends.dare_metadata import DareMetadata
+from vllm_dare.attention_backends.dare_metadata import DareMetadata, full_sequence_len
 from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -184,6 +184,15 @@ def test_first_step_computes_every_row_exactly(ops):
     torch.testing.assert_close(out, layer.dense(), **TOL)
     assert layer.kv_calls == [layer.T] and layer.o_calls == [layer.T]
     assert layer.runtime.layer_counts[0].tolist() == [layer.T, 0, 0]
+
+
+def test_full_sequence_len_only_for_whole_equal_unpadded_sequences():
+    lens = torch.tensor([12, 12, 12])
+    assert full_sequence_len(lens, 36, 12) == 12
+    assert full_sequence_len(torch.tensor([12, 11, 13]), 36, 13) is None  # unequal
+    assert full_sequence_len(lens, 36, 20) is None  # a cached prefix may precede
+    assert full_sequence_len(lens, 40, 12) is None  # padding tokens after the queries
+    assert full_sequence_len(torch.tensor([], dtype=torch.long), 0, 0) is None
 
 
 @OPS

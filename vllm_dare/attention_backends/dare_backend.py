@@ -26,7 +26,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
-from vllm_dare.attention_backends.dare_metadata import DareMetadata
+from vllm_dare.attention_backends.dare_metadata import DareMetadata, full_sequence_len
 
 
 class DareMetadataBuilder(AttentionMetadataBuilder[DareMetadata]):
@@ -47,12 +47,6 @@ class DareMetadataBuilder(AttentionMetadataBuilder[DareMetadata]):
         token_req = torch.repeat_interleave(
             torch.arange(m.num_reqs, dtype=torch.int32), query_lens[: m.num_reqs]
         ).to(m.query_start_loc.device, non_blocking=True)
-        # Every query its whole sequence, all of one length L: the queries are L
-        # long, and the sequences no longer (max_seq_len bounds them from above).
-        L = m.max_query_len
-        full = (m.num_reqs > 0 and m.max_seq_len == L
-                and int(m.query_start_loc_cpu[m.num_reqs]) == m.num_reqs * L
-                and bool((query_lens[: m.num_reqs] == L).all()))
         return DareMetadata(
             num_actual_tokens=m.num_actual_tokens,
             num_reqs=m.num_reqs,
@@ -63,7 +57,8 @@ class DareMetadataBuilder(AttentionMetadataBuilder[DareMetadata]):
             token_req=token_req,
             causal=bool(causal),
             max_query_len=m.max_query_len,
-            full_sequence_len=L if full else None,
+            full_sequence_len=full_sequence_len(query_lens[: m.num_reqs], m.num_actual_tokens,
+                                                m.max_seq_len),
         )
 
 

@@ -30,6 +30,19 @@ class DareMetadata:
     full_sequence_len: int | None = None
 
 
+def full_sequence_len(query_lens: torch.Tensor, num_tokens: int, max_seq_len: int) -> int | None:
+    """``DareMetadata.full_sequence_len`` from host-side batch facts: the common
+    length L when every request's query (``query_lens``, CPU) is L tokens and its
+    whole sequence (the sequences are no longer: ``max_seq_len``, an upper bound of
+    their lengths, is L), with no padding tokens after them (``num_tokens``)."""
+    if query_lens.numel() == 0:
+        return None
+    L = int(query_lens[0])
+    if max_seq_len != L or num_tokens != L * query_lens.numel():
+        return None
+    return L if bool((query_lens == L).all()) else None
+
+
 def slot_rows(kv_cache: torch.Tensor, layout: DareCacheLayout, dtype: torch.dtype) -> torch.Tensor:
     """View a layer's cache as ``[num_slots, layout.width]`` rows of ``dtype``.
 
