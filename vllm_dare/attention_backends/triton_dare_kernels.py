@@ -190,8 +190,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: D
     end, on their own keys and values (no cache): q ``[T, H, D]``, k and v
     ``[T, Hkv * D]`` (any row stride); returns ``[T, H, D]``. For a step that
     recomputes every row of whole sequences, where the paged cache holds nothing
-    else: PyTorch's SDPA (FlashAttention on a GPU) in the tensors' dtype, as exact
-    mode runs it, about twice as fast as ``paged_attention_rows`` over every row
+    else: PyTorch's SDPA (a flash kernel on a GPU) in the tensors' dtype, about
+    twice as fast as ``paged_attention_rows`` over every row of 4 x 2048 tokens
     (``benchmarks/kernel_tiles.py --kernel attention``, H100)."""
     T, H, D = q.shape
     R = T // seq_len
