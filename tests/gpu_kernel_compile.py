@@ -75,15 +75,15 @@ def variants():
                 k_ptr=f"*{dt}", k_stride="i32", v_ptr=f"*{dt}", v_stride="i32", rows_ptr="*i64",
                 slot_mapping_ptr="*i64", cache_ptr=f"*{dt}", cache_stride="i32"),
                 k.write_kv_rows_constexprs(layout), f"{name} {dt}")
-            for per_head in (False, True):
+            for per_head, write_qref in ((False, True), (True, False)):
                 yield (k._decide_reuse_kernel, dict(
                     q_ptr=f"*{dt}", q_stride="i32", slot_mapping_ptr="*i64", cache_ptr=f"*{dt}",
                     cache_stride="i32", tau_kv_ptr="*fp32", tau_o_ptr="*fp32", flags_ptr="*i8",
-                    eps="fp32"),
-                    k.decide_reuse_constexprs(layout, per_head), f"{name} {dt}")
+                    qref_follows_kv_ptr="*i8", eps="fp32"),
+                    k.decide_reuse_constexprs(layout, per_head, write_qref), f"{name} {dt}")
 
     yield (k._select_rows_kernel, dict(
-        flags_ptr="*i8", kv_is_reference_ptr="*i8", query_start_loc_ptr="*i32", num_reqs="i32",
+        flags_ptr="*i8", query_start_loc_ptr="*i32", num_reqs="i32",
         num_tokens="i32", rows_ptr="*i64", req_row_start_ptr="*i32", counts_ptr="*i32",
         totals_ptr="*i32", prefix_ptr="*i32"),
         k.select_rows_constexprs(), "any layout")

@@ -74,14 +74,13 @@ class DareRuntime:
         self.ops = dare_ops(device)
         self.num_reqs = 0
         # Per layer, this step: tokens (host), tokens of the runs that selected
-        # rows (host), and how many K/V, O and Q_ref rows those recomputed (device,
-        # int32 [layers, 3], added to by ``select_rows``; read once, when
+        # rows (host), and how many K/V and O rows those recomputed (device,
+        # int32 [layers, 2], added to by ``select_rows``; read once, when
         # ``layer_counts`` is asked).
         self._tokens = np.zeros(num_layers, dtype=np.int64)
         self._selected_tokens = np.zeros(num_layers, dtype=np.int64)
         self._recomputed: torch.Tensor | None = None
         self.all_rows: torch.Tensor | None = None
-        self.reference = "kv"
         self.kv_may_reuse = self.o_may_reuse = False
         self._token_reused: torch.Tensor | None = None  # int32 [T, 2], over layers
         self._token_req: torch.Tensor | None = None
@@ -96,7 +95,6 @@ class DareRuntime:
         self._token_reused = None
         self._token_req = None
         self._layers_run = 0
-        self.reference = "kv"
         self.kv_may_reuse = self.o_may_reuse = False
         # Row ids 0..T-1 of the step's tokens, shared by its layers.
         self.all_rows = (None if step is None
@@ -108,20 +106,17 @@ class DareRuntime:
             self.tau_kv = torch.where(~step.force & (step.tau_kv > 0), step.tau_kv, never)
             self.tau_o = torch.where(~step.force & (step.tau_o > 0), step.tau_o, never)
             # Batch-wide facts the layers branch on, in one host sync per step (none
-            # per layer): whose recomputes Q_ref follows, and whether any token may
-            # reuse its K/V, its O at all (if not, that row list is every row).
-            all_kv_ref, any_kv_ref, kv_may, o_may = torch.stack((
-                step.kv_is_reference.all(), step.kv_is_reference.any(),
+            # per layer): whether any token may reuse its K/V, its O at all (if not,
+            # that row list is every row).
+            self.kv_may_reuse, self.o_may_reuse = torch.stack((
                 (self.tau_kv > 0).any(), (self.tau_o > 0).any())).tolist()
-            self.reference = "kv" if all_kv_ref else "o" if not any_kv_ref else "mixed"
-            self.kv_may_reuse, self.o_may_reuse = kv_may, o_may
 
     def recomputed_totals(self, layer_index: int, num_tokens: int) -> torch.Tensor:
-        """int32 [3] on the device: the layer's K/V, O and Q_ref rows recomputed this
-        step by runs that selected rows, for ``select_rows`` to add to (this run
-        has ``num_tokens`` tokens)."""
+        """int32 [2] on the device: the layer's K/V and O rows recomputed this step
+        by runs that selected rows, for ``select_rows`` to add to (this run has
+        ``num_tokens`` tokens)."""
         if self._recomputed is None:
-            self._recomputed = torch.zeros(self.num_layers, 3, dtype=torch.int32,
+            self._recomputed = torch.zeros(self.num_layers, 2, dtype=torch.int32,
                                            device=self.device)
         self._selected_tokens[layer_index] += num_tokens
         return self._recomputed[layer_index]
@@ -133,7 +128,7 @@ class DareRuntime:
         counts = np.zeros((self.num_layers, 3), dtype=np.int64)
         counts[:, 0] = self._tokens
         if self._recomputed is not None:
-            recomputed = self._recomputed[:, :2].cpu().numpy()
+            recomputed = self._recomputed.cpu().numpy()
             counts[:, 1:] = self._selected_tokens[:, None] - recomputed
         return counts
 
@@ -308,16 +303,15 @@ def _selected_rows(meta, cache, block_size, layer_index, runtime, layout, scale,
     ops = runtime.ops
     T = q.shape[0]
     slots = meta.slot_mapping
-    # [T, 4] bool: K/V reused, O reused, K/V recomputed, O recomputed.
+    # [T, 4] bool: K/V reused, O reused, K/V recomputed, O recomputed; the same
+    # launch rewrites Q_ref of the tokens whose K/V (or O, as their request's
+    # Q_ref follows) are recomputed, when a request of the batch keeps Q_ref.
     flags = ops.decide_reuse(q, slots, cache, layout, runtime.tau_kv, runtime.tau_o,
-                             runtime.per_head)
-    # Lists 0 (K/V recomputed), 1 (O recomputed), 2 (Q_ref rewritten, when the
-    # batch mixes requests whose Q_ref follows K/V with some whose follows O). The
-    # lengths stay on the device; the kernel also adds them to the step's
-    # per-layer counters.
-    num_lists = 3 if runtime.reference == "mixed" else 2
-    lists, starts, counts = ops.select_rows(flags, step.kv_is_reference,
-                                            meta.query_start_loc, num_lists,
+                             runtime.per_head,
+                             step.kv_is_reference if step.keeps_reference else None)
+    # Lists 0 (K/V recomputed) and 1 (O recomputed). The lengths stay on the
+    # device; the kernel also adds them to the step's per-layer counters.
+    lists, starts, counts = ops.select_rows(flags, meta.query_start_loc,
                                             runtime.recomputed_totals(layer_index, T))
 
     def count(which: int) -> torch.Tensor:
@@ -342,10 +336,6 @@ def _selected_rows(meta, cache, block_size, layer_index, runtime, layout, scale,
         k, v = proj.project_kv(slice(0, T))
         ops.write_kv_rows(k, v, runtime.all_rows, slots, cache, layout)
         every_kv = (k, v)
-    if step.keeps_reference:
-        ref = {"kv": 0, "o": 1, "mixed": 2}[runtime.reference]
-        ops.write_rows(q, lists[ref], slots, cache, layout.qref_offset, src_by_token=True,
-                       count=count(ref))
 
     if runtime.o_may_reuse:
         # Every row's cached output (one gather), then the recomputed rows attended,

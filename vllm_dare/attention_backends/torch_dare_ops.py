@@ -93,7 +93,7 @@ def write_kv_rows(k, v, rows, slot_mapping, cache, layout: DareCacheLayout) -> N
 
 
 def decide_reuse(q, slot_mapping, cache, layout: DareCacheLayout, tau_kv, tau_o,
-                 per_head: bool, eps: float = 1e-6) -> torch.Tensor:
+                 per_head: bool, qref_follows_kv=None, eps: float = 1e-6) -> torch.Tensor:
     T, H, D = q.shape[0], layout.num_heads, layout.head_dim
     ref = cache[:, layout.qref_offset : layout.qref_offset + H * D].index_select(
         0, slot_mapping.long()
@@ -106,17 +106,22 @@ def decide_reuse(q, slot_mapping, cache, layout: DareCacheLayout, tau_kv, tau_o,
     else:
         delta = diff.sum(-1).sqrt() / (norm.sum(-1).sqrt() + eps)
     reuse = torch.stack((delta <= tau_kv, delta <= tau_o), dim=1)
+    if qref_follows_kv is not None:
+        # Q_ref := q where what it follows is recomputed; the other rows are written
+        # back as they were (``ref`` is a copy read before), so nothing is counted.
+        recomputed = ~torch.where(qref_follows_kv, reuse[:, 0], reuse[:, 1])
+        cache[slot_mapping.long(), layout.qref_offset : layout.qref_offset + H * D] = (
+            torch.where(recomputed[:, None], q.to(cache.dtype), ref))
     return torch.cat((reuse, ~reuse), dim=1)
 
 
-def select_rows(flags, kv_is_reference, query_start_loc, num_lists: int, totals):
+def select_rows(flags, query_start_loc, totals):
     T = flags.shape[0]
-    picks = torch.stack((flags[:, 2], flags[:, 3],
-                         torch.where(kv_is_reference, flags[:, 2], flags[:, 3]))[:num_lists])
+    picks = torch.stack((flags[:, 2], flags[:, 3]))
     prefix = torch.nn.functional.pad(torch.cumsum(picks, dim=1, dtype=torch.int32), (1, 0))
     req_row_start = prefix[:, query_start_loc.long()]
     counts = prefix[:, -1].contiguous()
-    totals[:num_lists] += counts
+    totals += counts
     # The selected tokens first, in token order (a stable sort on "not selected").
     rows = torch.sort((~picks).to(torch.uint8), dim=1, stable=True).indices
     rows.masked_fill_(torch.arange(T, device=flags.device) >= prefix[:, -1:], 0)

@@ -385,9 +385,10 @@ def write_kv_rows_reference(k, v, rows, slot_mapping, cache, layout) -> None:
 @triton.jit
 def _decide_reuse_kernel(
     q_ptr, q_stride, slot_mapping_ptr, cache_ptr, cache_stride,
-    tau_kv_ptr, tau_o_ptr, flags_ptr, eps,
+    tau_kv_ptr, tau_o_ptr, flags_ptr, qref_follows_kv_ptr, eps,
     QREF_OFFSET: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PER_HEAD: tl.constexpr,
+    WRITE_QREF: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -412,6 +413,14 @@ def _decide_reuse_kernel(
     tl.store(flags_ptr + token * 4 + 1, reuse_o)
     tl.store(flags_ptr + token * 4 + 2, (reuse_kv == 0).to(tl.int8))
     tl.store(flags_ptr + token * 4 + 3, (reuse_o == 0).to(tl.int8))
+    if WRITE_QREF:
+        # The token's query becomes its Q_ref when what Q_ref follows (its K/V, or
+        # its O) is recomputed. Only this program reads or writes this slot.
+        follows_kv = tl.load(qref_follows_kv_ptr + token) != 0
+        if tl.where(follows_kv, reuse_kv, reuse_o) == 0:
+            q_raw = tl.load(q_ptr + token * q_stride + cols, mask=mask, other=0.0)
+            tl.store(cache_ptr + slot * cache_stride + QREF_OFFSET + cols,
+                     q_raw.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
 def decide_reuse(
@@ -422,35 +431,49 @@ def decide_reuse(
     tau_kv: torch.Tensor,  # float32 [T]; a token reuses its K/V when delta <= tau_kv
     tau_o: torch.Tensor,  # float32 [T]; ... its O when delta <= tau_o
     per_head: bool,
+    qref_follows_kv: torch.Tensor | None = None,  # bool [T]; None: no Q_ref write
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """Bool ``[T, 4]``: K/V reused, O reused, K/V recomputed, O recomputed.
 
     The delta is the relative L2 change of the token's query against its Q_ref,
     over the whole row, or (``per_head``) the largest of the per-head changes.
-    A negative threshold never passes (deltas are >= 0; NaN passes none)."""
+    A negative threshold never passes (deltas are >= 0; NaN passes none).
+
+    With ``qref_follows_kv``, the query of every token whose K/V (where that is
+    True) or O (where False) is recomputed is also written to its Q_ref slot,
+    after its delta was taken: the step's Q_ref rewrite, in the same launch."""
     T = q.shape[0]
     flags = torch.empty(T, 4, dtype=torch.int8, device=q.device)
     if T:
+        write = qref_follows_kv is not None
         _decide_reuse_kernel[(T,)](
-            q, q.stride(0), slot_mapping, cache, cache.stride(0), tau_kv, tau_o, flags, eps,
-            **decide_reuse_constexprs(layout, per_head),
+            q, q.stride(0), slot_mapping, cache, cache.stride(0), tau_kv, tau_o, flags,
+            qref_follows_kv.view(torch.int8) if write else flags, eps,
+            **decide_reuse_constexprs(layout, per_head, write),
         )
     return flags.view(torch.bool)
 
 
-def decide_reuse_constexprs(layout: DareCacheLayout, per_head: bool) -> dict:
+def decide_reuse_constexprs(layout: DareCacheLayout, per_head: bool,
+                            write_qref: bool) -> dict:
     return dict(QREF_OFFSET=layout.qref_offset, NUM_HEADS=layout.num_heads,
                 BLOCK_H=triton.next_power_of_2(layout.num_heads), HEAD_DIM=layout.head_dim,
-                BLOCK_D=triton.next_power_of_2(layout.head_dim), PER_HEAD=per_head)
+                BLOCK_D=triton.next_power_of_2(layout.head_dim), PER_HEAD=per_head,
+                WRITE_QREF=write_qref)
 
 
 def decide_reuse_reference(q, slot_mapping, cache, layout, tau_kv, tau_o, per_head: bool,
-                           eps: float = 1e-6) -> torch.Tensor:
+                           qref_follows_kv=None, eps: float = 1e-6) -> torch.Tensor:
     """Twin of ``decide_reuse``."""
     head, tok = query_delta_reference(q, slot_mapping, cache, layout, eps)
     delta = head.amax(dim=-1) if per_head else tok
     reuse = torch.stack((delta <= tau_kv, delta <= tau_o), dim=1)
+    if qref_follows_kv is not None:
+        cols = slice(layout.qref_offset, layout.qref_offset + layout.q_width)
+        for t in range(q.shape[0]):
+            if not bool(reuse[t, 0] if qref_follows_kv[t] else reuse[t, 1]):
+                cache[int(slot_mapping[t]), cols] = q[t].to(cache.dtype)
     return torch.cat((reuse, ~reuse), dim=1)
 
 
@@ -472,14 +495,13 @@ def query_delta_reference(q, slot_mapping, cache, layout, eps: float = 1e-6):
 
 @triton.jit
 def _select_rows_kernel(
-    flags_ptr, kv_is_reference_ptr, query_start_loc_ptr, num_reqs, num_tokens,
+    flags_ptr, query_start_loc_ptr, num_reqs, num_tokens,
     rows_ptr, req_row_start_ptr, counts_ptr, totals_ptr, prefix_ptr, BLOCK: tl.constexpr,
 ):
     # One program per list: 0 = K/V recomputed (flag column 2), 1 = O recomputed
-    # (column 3), 2 = Q_ref rewritten (column 2 where the token's request reuses
-    # K/V, else 3). One scan over the batch's tokens writes the list and, per
-    # token, how many tokens before it were selected; a request's start in the
-    # list is that count at its first token.
+    # (column 3). One scan over the batch's tokens writes the list and, per token,
+    # how many tokens before it were selected; a request's start in the list is
+    # that count at its first token.
     which = tl.program_id(0)
     rows_ptr += which.to(tl.int64) * num_tokens
     prefix_ptr += which.to(tl.int64) * (num_tokens + 1)
@@ -488,11 +510,7 @@ def _select_rows_kernel(
     for start in range(0, num_tokens, BLOCK):
         t = start + tl.arange(0, BLOCK)
         valid = t < num_tokens
-        col = tl.zeros([BLOCK], dtype=tl.int32) + which + 2
-        if which == 2:
-            by_kv = tl.load(kv_is_reference_ptr + t, mask=valid, other=0) != 0
-            col = tl.where(by_kv, 2, 3)
-        f = tl.load(flags_ptr + t.to(tl.int64) * 4 + col, mask=valid, other=0)
+        f = tl.load(flags_ptr + t.to(tl.int64) * 4 + which + 2, mask=valid, other=0)
         f = (f != 0).to(tl.int32)
         before = carry + tl.cumsum(f, axis=0) - f
         tl.store(prefix_ptr + t, before, mask=valid)
@@ -515,27 +533,24 @@ def _select_rows_kernel(
 
 def select_rows(
     flags: torch.Tensor,  # bool [T, 4] from ``decide_reuse``
-    kv_is_reference: torch.Tensor,  # bool [T]: the token's Q_ref follows its K/V
     query_start_loc: torch.Tensor,  # [num_reqs + 1], the batch's
-    num_lists: int,  # 2: K/V and O recomputed; 3: and the Q_ref rows
-    totals: torch.Tensor,  # int32 [>= num_lists]: each list's length is added to it
+    totals: torch.Tensor,  # int32 [2]: each list's length is added to it
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The row lists of a step, on the device with no host sync: ``(rows [num_lists,
-    T] int64, req_row_start [num_lists, num_reqs + 1] int32, counts [num_lists]
-    int32)``. List ``l`` holds, first, the ``counts[l]`` selected tokens in token
+    """The two row lists of a step (K/V recomputed, O recomputed), on the device
+    with no host sync: ``(rows [2, T] int64, req_row_start [2, num_reqs + 1] int32,
+    counts [2] int32)``. List ``l`` holds, first, the ``counts[l]`` selected tokens in token
     order (so grouped by request), then zeros; ``req_row_start[l, b]`` is where
     request ``b``'s tokens start in it (``req_row_start[l, num_reqs] ==
     counts[l]``), as ``paged_attention_rows`` takes it. ``totals`` (a layer's
     counters over a step) gets the counts added."""
     T = flags.shape[0]
     num_reqs = query_start_loc.shape[0] - 1
-    rows = torch.empty(num_lists, T, dtype=torch.int64, device=flags.device)
-    req_row_start = torch.empty(num_lists, num_reqs + 1, dtype=torch.int32,
-                                device=flags.device)
-    counts = torch.empty(num_lists, dtype=torch.int32, device=flags.device)
-    prefix = torch.empty(num_lists, T + 1, dtype=torch.int32, device=flags.device)
-    _select_rows_kernel[(num_lists,)](
-        flags.view(torch.int8), kv_is_reference.view(torch.int8), query_start_loc, num_reqs,
+    rows = torch.empty(2, T, dtype=torch.int64, device=flags.device)
+    req_row_start = torch.empty(2, num_reqs + 1, dtype=torch.int32, device=flags.device)
+    counts = torch.empty(2, dtype=torch.int32, device=flags.device)
+    prefix = torch.empty(2, T + 1, dtype=torch.int32, device=flags.device)
+    _select_rows_kernel[(2,)](
+        flags.view(torch.int8), query_start_loc, num_reqs,
         T, rows, req_row_start, counts, totals, prefix, **select_rows_constexprs())
     return rows, req_row_start, counts
 
@@ -544,15 +559,14 @@ def select_rows_constexprs() -> dict:
     return dict(BLOCK=1024)
 
 
-def select_rows_reference(flags, kv_is_reference, query_start_loc, num_lists, totals):
+def select_rows_reference(flags, query_start_loc, totals):
     """Twin of ``select_rows``."""
-    counts = torch.zeros(num_lists, dtype=torch.int32, device=flags.device)
+    counts = torch.zeros(2, dtype=torch.int32, device=flags.device)
     T = flags.shape[0]
     num_reqs = query_start_loc.shape[0] - 1
-    picks = [flags[:, 2], flags[:, 3],
-             torch.where(kv_is_reference, flags[:, 2], flags[:, 3])][:num_lists]
-    rows = torch.zeros(num_lists, T, dtype=torch.int64, device=flags.device)
-    starts = torch.zeros(num_lists, num_reqs + 1, dtype=torch.int32, device=flags.device)
+    picks = [flags[:, 2], flags[:, 3]]
+    rows = torch.zeros(2, T, dtype=torch.int64, device=flags.device)
+    starts = torch.zeros(2, num_reqs + 1, dtype=torch.int32, device=flags.device)
     for which, pick in enumerate(picks):
         chosen = [t for t in range(T) if bool(pick[t])]
         rows[which, : len(chosen)] = torch.tensor(chosen, dtype=torch.int64)
