@@ -317,8 +317,6 @@ def _selected_rows(meta, cache, block_size, layer_index, runtime, layout, scale,
     def count(which: int) -> torch.Tensor:
         return counts[which : which + 1]
 
-    every_kv = None  # every token's keys and values, when none may be reused
-
     if runtime.kv_may_reuse and proj.kv_weight is not None:
         # Keys (RoPE applied) and values of the recomputed rows, into their slots.
         rope = proj.cos_sin_cache is not None
@@ -335,7 +333,6 @@ def _selected_rows(meta, cache, block_size, layer_index, runtime, layout, scale,
     else:
         k, v = proj.project_kv(slice(0, T))
         ops.write_kv_rows(k, v, runtime.all_rows, slots, cache, layout)
-        every_kv = (k, v)
 
     if runtime.o_may_reuse:
         # Every row's cached output (one gather), then the recomputed rows attended,
@@ -361,8 +358,9 @@ def _selected_rows(meta, cache, block_size, layer_index, runtime, layout, scale,
                 if step.keeps_o:
                     ops.write_rows(projected, o_rows, slots, cache, layout.o_offset)
     else:
+        # (K/V may be reused here, so attention reads the cache.)
         out = _attend_every_row(ops, meta, cache, block_size, layout, scale, q,
-                                runtime.all_rows, proj, every_kv)
+                                runtime.all_rows, proj)
         if step.keeps_o:
             ops.write_rows(out, runtime.all_rows, slots, cache, layout.o_offset)
     runtime.count(layer_index, meta, flags[:, :2])

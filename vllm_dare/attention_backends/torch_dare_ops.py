@@ -57,16 +57,20 @@ def paged_attention_rows(
     out[row_token] = o.transpose(1, 2)[row_req, rank].to(out.dtype)
 
 
-def dense_attention(q, k, v, layout: DareCacheLayout, seq_len: int, scale: float):
+def dense_attention(q, k, v, layout: DareCacheLayout, seq_len: int, scale: float,
+                    in_fp32: bool = True):
     """Bidirectional attention of requests of ``seq_len`` tokens each, laid end to
     end, on their own keys and values (no cache): q ``[T, H, D]``, k and v
-    ``[T, Hkv * D]`` (any row stride); returns ``[T, H, D]``. In fp32, as
-    ``paged_attention_rows`` computes it here."""
+    ``[T, Hkv * D]`` (any row stride); returns ``[T, H, D]``. PyTorch's SDPA, in
+    fp32 as ``paged_attention_rows`` computes it here (``in_fp32``), else in the
+    tensors' dtype (the Triton kernel set's version, on a GPU)."""
     T, H, D = q.shape
-    R, Hkv = T // seq_len, layout.num_kv_heads
-    qd, kd, vd = (t.reshape(R, seq_len, -1, D).transpose(1, 2).float() for t in (q, k, v))
-    o = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, scale=scale,
-                                                         enable_gqa=H != Hkv)
+    R = T // seq_len
+    qd, kd, vd = (t.reshape(R, seq_len, -1, D).transpose(1, 2) for t in (q, k, v))
+    if in_fp32:
+        qd, kd, vd = qd.float(), kd.float(), vd.float()
+    o = torch.nn.functional.scaled_dot_product_attention(
+        qd, kd, vd, scale=scale, enable_gqa=H != layout.num_kv_heads)
     return o.transpose(1, 2).reshape(T, H, D).to(q.dtype)
 
 
@@ -107,11 +111,12 @@ def decide_reuse(q, slot_mapping, cache, layout: DareCacheLayout, tau_kv, tau_o,
         delta = diff.sum(-1).sqrt() / (norm.sum(-1).sqrt() + eps)
     reuse = torch.stack((delta <= tau_kv, delta <= tau_o), dim=1)
     if qref_follows_kv is not None:
-        # Q_ref := q where what it follows is recomputed; the other rows are written
-        # back as they were (``ref`` is a copy read before), so nothing is counted.
+        # Q_ref := q where what it follows is recomputed (the deltas above read a
+        # copy of Q_ref). Only those rows are written; the row list is read on the
+        # host, which costs nothing on the CPU these ops run on.
         recomputed = ~torch.where(qref_follows_kv, reuse[:, 0], reuse[:, 1])
-        cache[slot_mapping.long(), layout.qref_offset : layout.qref_offset + H * D] = (
-            torch.where(recomputed[:, None], q.to(cache.dtype), ref))
+        write_rows(q, recomputed.nonzero().squeeze(1), slot_mapping, cache,
+                   layout.qref_offset, src_by_token=True)
     return torch.cat((reuse, ~reuse), dim=1)
 
 

@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_dare.attention_backends import torch_dare_ops
 from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
 
 
@@ -192,15 +193,10 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: D
     recomputes every row of whole sequences, where the paged cache holds nothing
     else: PyTorch's SDPA (a flash kernel on a GPU) in the tensors' dtype, about
     twice as fast as ``paged_attention_rows`` over every row of 4 x 2048 tokens
-    (``benchmarks/kernel_tiles.py --kernel attention``, H100)."""
-    T, H, D = q.shape
-    R = T // seq_len
-    qd, kd, vd = (t.reshape(R, seq_len, -1, D).transpose(1, 2) for t in (q, k, v))
-    if _interpreted():  # CPU tests: fp32 like the twin
-        qd, kd, vd = qd.float(), kd.float(), vd.float()
-    o = torch.nn.functional.scaled_dot_product_attention(
-        qd, kd, vd, scale=scale, enable_gqa=H != layout.num_kv_heads)
-    return o.transpose(1, 2).reshape(T, H, D).to(q.dtype)
+    (``benchmarks/kernel_tiles.py --kernel attention``, H100). Under Triton's
+    interpreter (CPU tests) in fp32, like the twins."""
+    return torch_dare_ops.dense_attention(q, k, v, layout, seq_len, scale,
+                                          in_fp32=_interpreted())
 
 
 def paged_attention_constexprs(layout: DareCacheLayout, block_size: int, rows: int,
