@@ -155,6 +155,29 @@ def test_paged_attention_rows_bf16(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("seq_lens", [[100, 37], [1100, 30]], ids=["64-1023-rows", "1024-rows-up"])
+def test_paged_attention_rows_bf16_tuned_tiles(impl, seq_lens):
+    """bf16 with a row list of 64 to 1023 rows and of 1024 or more: the two tile
+    shapes tuned on an H100 (64 x 128 and 128 x 64 keys, two stages)."""
+    layout = DareCacheLayout(2, 1, 32)
+    cache, block_table, _, token_req, g = _batch(seq_lens, 16, layout, 8, torch.bfloat16)
+    T = sum(seq_lens)
+    q = torch.randn(T, 2, 32, generator=g).to(torch.bfloat16).to(DEVICE)
+    rows = torch.arange(T, device=DEVICE)
+    starts = torch.tensor([0, seq_lens[0], T], dtype=torch.int32, device=DEVICE)
+    seq = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    out = torch.zeros(T, 2, 32, dtype=torch.bfloat16, device=DEVICE)
+    want = out.clone()
+    args = (layout, block_table, seq, rows, token_req.to(torch.int32))
+    IMPLS[impl].paged_attention_rows(q, cache, *args, out, 16, 32**-0.5,
+                                     max_rows_per_req=max(seq_lens), req_row_start=starts)
+    paged_attention_rows_reference(q, cache, *args, want, 16, 32**-0.5)
+    torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
+    meta = triton_dare_kernels.paged_attention_constexprs(layout, 16, T, torch.bfloat16)
+    assert meta["BLOCK_M"] == (64 if T < 1024 else 128)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("selection", ["none", "all", "random"])
 @pytest.mark.parametrize("block_size", [16, 128])
 def test_write_rows_matches_twin(impl, selection, block_size):
@@ -357,6 +380,35 @@ def test_project_rows_into_the_cache_matches_twin(impl, heads, dtype, kind):
         pair = lambda v: (v.view(Hkv, 2, D // 2) ** 2).sum(1)  # noqa: E731
         torch.testing.assert_close(pair(stored[: Hkv * D]), pair(y[: Hkv * D]), **tol)
         assert not torch.allclose(stored[: Hkv * D], y[: Hkv * D], **tol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("T", [200, 1100], ids=["under-1024-rows", "1024-rows-up"])
+def test_project_rows_bf16_tuned_tiles(impl, T):
+    """bf16 K/V projection (bias, RoPE) of a random 60% of T rows: one dot over the
+    whole head, with the tiles tuned on an H100 for lists under and over 1024 rows
+    (64 and 128 rows per tile)."""
+    layout = DareCacheLayout(2, 1, 32)
+    cache, _, slot_mapping, _, g = _batch([T], 16, layout, seed=T, dtype=torch.bfloat16)
+    hidden = 64
+    x = torch.randn(T, hidden, generator=g).to(torch.bfloat16).to(DEVICE)
+    w = (torch.randn(64, hidden, generator=g) / hidden**0.5).to(torch.bfloat16).to(DEVICE)
+    b = torch.randn(64, generator=g).to(torch.bfloat16).to(DEVICE)
+    positions = torch.arange(T, device=DEVICE)
+    cos_sin = _rope_table(T, 32, g).to(DEVICE)
+    flags = _flags(T, g, "random")
+    lists, _, counts = torch_dare_ops.select_rows(flags, torch.tensor([0, T], device=DEVICE),
+                                                  torch.zeros(2, dtype=torch.int32, device=DEVICE))
+    got, want = cache.clone(), cache.clone()
+    args = (x, w, b, lists[0], counts[0:1], 32)
+    kwargs = dict(slot_mapping=slot_mapping, out_at_slot=True, positions=positions,
+                  cos_sin_cache=cos_sin, rope_heads=1)
+    IMPLS[impl].project_rows(*args, got, layout.k_offset, **kwargs)
+    project_rows_reference(*args, want, layout.k_offset, **kwargs)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=3e-2)
+    meta = triton_dare_kernels.project_rows_constexprs(hidden, 32, torch.bfloat16, 1, True,
+                                                       True, False, rows=T)
+    assert meta["FULL_HEAD"] and meta["BLOCK_M"] == (64 if T < 1024 else 128)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
