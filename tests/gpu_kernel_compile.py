@@ -75,12 +75,18 @@ def variants():
                 k_ptr=f"*{dt}", k_stride="i32", v_ptr=f"*{dt}", v_stride="i32", rows_ptr="*i64",
                 slot_mapping_ptr="*i64", cache_ptr=f"*{dt}", cache_stride="i32"),
                 k.write_kv_rows_constexprs(layout), f"{name} {dt}")
-            for per_head, write_qref in ((False, True), (True, False)):
+            # As the layer step launches it (counting; gathering O where it may be
+            # reused; Q_ref written where a request keeps it), and bare.
+            for per_head, write_qref, count, gather_o in ((False, True, True, True),
+                                                          (True, False, True, False),
+                                                          (False, False, False, False)):
                 yield (k._decide_reuse_kernel, dict(
                     q_ptr=f"*{dt}", q_stride="i32", slot_mapping_ptr="*i64", cache_ptr=f"*{dt}",
                     cache_stride="i32", tau_kv_ptr="*fp32", tau_o_ptr="*fp32", flags_ptr="*i8",
-                    qref_follows_kv_ptr="*i8", eps="fp32"),
-                    k.decide_reuse_constexprs(layout, per_head, write_qref), f"{name} {dt}")
+                    qref_follows_kv_ptr="*i8", reuse_counts_ptr="*i32" if count else "*i8",
+                    o_out_ptr=f"*{dt}", o_out_stride="i32", eps="fp32"),
+                    k.decide_reuse_constexprs(layout, per_head, write_qref, count, gather_o),
+                    f"{name} {dt}")
 
     yield (k._select_rows_kernel, dict(
         flags_ptr="*i8", query_start_loc_ptr="*i32", num_reqs="i32",

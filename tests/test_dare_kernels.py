@@ -12,6 +12,7 @@ import torch
 
 from vllm_dare.attention_backends import torch_dare_ops, triton_dare_kernels
 from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
+from vllm_dare.attention_backends.row_selection_scratch import RowSelectionScratch
 from vllm_dare.attention_backends.triton_dare_kernels import (
     decide_reuse_reference,
     paged_attention_rows_reference,
@@ -289,6 +290,42 @@ def test_decide_reuse_matches_twin(impl, heads, per_head):
     assert torch.equal(want_cache[kept], cache[kept])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decide_reuse_counts_and_gathers_reused_o(impl, dtype):
+    """The per-token reuse counters get the flags added, and the cached O row of
+    every token that reuses O is copied into ``o_out`` (other rows untouched), in
+    the same launch as the decision and the Q_ref rewrite."""
+    H, Hkv, D = 8, 2, 64
+    layout = DareCacheLayout(H, Hkv, D)
+    cache, _, slot_mapping, _, g = _batch([13, 20], 16, layout, seed=4, dtype=dtype)
+    T = 33
+    qref = cache[slot_mapping, layout.qref_offset : layout.qref_offset + H * D].float()
+    q = (qref + (torch.rand(T, 1, generator=g) * 0.3 * torch.randn(T, H * D, generator=g)
+                 ).to(DEVICE)).to(dtype)
+    tau_kv = (torch.rand(T, generator=g) * 0.3).to(DEVICE)
+    tau_o = (torch.rand(T, generator=g) * 0.3).to(DEVICE)
+    follows_kv = (torch.rand(T, generator=g) < 0.5).to(DEVICE)
+    counts = torch.randint(0, 5, (T, 2), generator=g, dtype=torch.int32).to(DEVICE)
+    sentinel = torch.full((T, H * D), 7.0, dtype=dtype, device=DEVICE)
+    got = (cache.clone(), counts.clone(), sentinel.clone())
+    want = (cache.clone(), counts.clone(), sentinel.clone())
+    flags = IMPLS[impl].decide_reuse(q, slot_mapping, got[0], layout, tau_kv, tau_o, False,
+                                     follows_kv, reuse_counts=got[1], o_out=got[2])
+    want_flags = decide_reuse_reference(q, slot_mapping, want[0], layout, tau_kv, tau_o,
+                                        False, follows_kv, reuse_counts=want[1],
+                                        o_out=want[2])
+    assert torch.equal(flags, want_flags)
+    for got_t, want_t in zip(got, want):
+        assert torch.equal(got_t, want_t)
+    reuse_o = flags[:, 1]
+    assert 0 < int(reuse_o.sum()) < T and 0 < int(flags[:, 0].sum()) < T
+    assert torch.equal(got[1] - counts, flags[:, :2].to(torch.int32))
+    o_cols = slice(layout.o_offset, layout.o_offset + layout.q_width)
+    assert torch.equal(got[2][reuse_o], cache[slot_mapping[reuse_o], o_cols])
+    assert (got[2][~reuse_o] == 7.0).all()
+
+
 def _flags(T, g, kind):
     """decide_reuse-shaped flags: reuse columns, then their negation."""
     if kind == "all":  # every row recomputed
@@ -329,6 +366,37 @@ def test_select_rows_matches_twin(impl, kind, batch):
     assert rows.shape == (2, T) and starts.shape == (2, len(lengths) + 1)
     if kind == "random":
         assert 0 < n < T
+
+
+def test_selection_scratch_shared_by_successive_layers():
+    """``decide_reuse`` and ``select_rows`` given a ``RowSelectionScratch`` write their
+    results into it (the layers of a step share one, allocating nothing) and
+    overwrite all of what an earlier layer's selection left there."""
+    ops = triton_dare_kernels
+    H, Hkv, D = 4, 2, 64
+    layout = DareCacheLayout(H, Hkv, D)
+    cache, _, slot_mapping, _, g = _batch([40, 1, 25], 16, layout, seed=6)
+    T = 66
+    qsl = torch.tensor([0, 40, 41, T], dtype=torch.int32, device=DEVICE)
+    scratch = RowSelectionScratch(T, 3, torch.device(DEVICE))
+    qref = cache[slot_mapping, layout.qref_offset : layout.qref_offset + H * D]
+    for tau in (0.2, 0.05):  # two layers: many rows reused, then few
+        q = qref + (torch.rand(T, 1, generator=g) * 0.3 * torch.randn(T, H * D, generator=g)
+                    ).to(DEVICE)
+        taus = torch.full((T,), tau, device=DEVICE)
+        flags = ops.decide_reuse(q, slot_mapping, cache, layout, taus, taus, False,
+                                 scratch=scratch)
+        assert flags.data_ptr() == scratch.flags.data_ptr()
+        assert torch.equal(flags, decide_reuse_reference(q, slot_mapping, cache, layout, taus,
+                                                         taus, False))
+        totals = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+        got = ops.select_rows(flags, qsl, totals, scratch)
+        want = select_rows_reference(flags.cpu(), qsl.cpu(), torch.zeros(2, dtype=torch.int32))
+        for got_t, want_t, own in zip(got, want, (scratch.rows, scratch.req_row_start,
+                                                  scratch.counts)):
+            assert got_t.data_ptr() == own.data_ptr()
+            assert torch.equal(got_t.cpu(), want_t)
+        assert 0 < int(want[2][0]) < T
 
 
 def _rope_table(max_position, head_dim, g):

@@ -40,6 +40,7 @@ import torch
 from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
 from vllm_dare.attention_backends.dare_metadata import DareMetadata, slot_rows
 from vllm_dare.attention_backends.dare_ops import dare_ops
+from vllm_dare.attention_backends.row_selection_scratch import RowSelectionScratch
 
 
 @dataclass
@@ -85,6 +86,10 @@ class DareRuntime:
         self._token_reused: torch.Tensor | None = None  # int32 [T, 2], over layers
         self._token_req: torch.Tensor | None = None
         self._layers_run = 0
+        # Storage the layers that select rows share within a step (they run one
+        # after another on one stream): the selection, the attention rows.
+        self._selection: RowSelectionScratch | None = None
+        self._attention_rows: torch.Tensor | None = None
 
     def begin_step(self, step: DareStepInputs | None, num_reqs: int) -> None:
         self.step = step
@@ -95,6 +100,7 @@ class DareRuntime:
         self._token_reused = None
         self._token_req = None
         self._layers_run = 0
+        self._selection = self._attention_rows = None
         self.kv_may_reuse = self.o_may_reuse = False
         # Row ids 0..T-1 of the step's tokens, shared by its layers.
         self.all_rows = (None if step is None
@@ -132,20 +138,38 @@ class DareRuntime:
             counts[:, 1:] = self._selected_tokens[:, None] - recomputed
         return counts
 
-    def count(self, layer_index: int, meta: DareMetadata,
-              reused_rows: torch.Tensor | None = None) -> None:
-        """Record a layer run on ``meta``'s tokens; ``reused_rows`` ([T, 2] bool: K/V
-        reused, O reused, per token) when it selected rows (its row counts are
-        already on the device, from ``select_rows``), None when it reused nothing."""
-        T = meta.num_actual_tokens
-        self._tokens[layer_index] += T
+    def selection_scratch(self, num_tokens: int, num_reqs: int) -> RowSelectionScratch:
+        """What ``decide_reuse`` and ``select_rows`` write, shared by the step's layers."""
+        s = self._selection
+        if s is None or (s.num_tokens, s.num_reqs) != (num_tokens, num_reqs):
+            s = self._selection = RowSelectionScratch(num_tokens, num_reqs, self.device)
+        return s
+
+    def attention_rows(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A buffer for the attention rows a layer recomputes (its other rows hold
+        whatever an earlier layer left there, which nothing reads), shared by the
+        step's layers."""
+        buf = self._attention_rows
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = self._attention_rows = torch.empty(shape, dtype=dtype, device=self.device)
+        return buf
+
+    def token_reuse_counts(self, num_tokens: int) -> torch.Tensor:
+        """int32 [T, 2] on the device: per token of the step, over its layers, how
+        often its K/V and its O were reused; ``decide_reuse`` adds to it."""
+        if self._token_reused is None:
+            self._token_reused = torch.zeros(num_tokens, 2, dtype=torch.int32,
+                                             device=self.device)
+        return self._token_reused
+
+    def count(self, layer_index: int, meta: DareMetadata) -> None:
+        """Record a layer run on ``meta``'s tokens (the rows a run that selects rows
+        reuses are counted on the device: ``recomputed_totals``,
+        ``token_reuse_counts``)."""
+        self._tokens[layer_index] += meta.num_actual_tokens
         self._layers_run += 1
         if self._token_req is None:
             self._token_req = meta.token_req
-        if reused_rows is not None:
-            if self._token_reused is None:
-                self._token_reused = torch.zeros(T, 2, dtype=torch.int32, device=self.device)
-            self._token_reused.add_(reused_rows)
 
     @property
     def request_counts(self) -> torch.Tensor:
@@ -303,16 +327,24 @@ def _selected_rows(meta, cache, block_size, layer_index, runtime, layout, scale,
     ops = runtime.ops
     T = q.shape[0]
     slots = meta.slot_mapping
-    # [T, 4] bool: K/V reused, O reused, K/V recomputed, O recomputed; the same
-    # launch rewrites Q_ref of the tokens whose K/V (or O, as their request's
-    # Q_ref follows) are recomputed, when a request of the batch keeps Q_ref.
+    # The layer's output: where O may be reused, the cached O rows of the tokens
+    # that reuse it are copied in by ``decide_reuse``, the rest computed below.
+    out = (torch.empty(T, layout.q_width, dtype=q.dtype, device=q.device)
+           if runtime.o_may_reuse else None)
+    # [T, 4] bool: K/V reused, O reused, K/V recomputed, O recomputed. The same
+    # launch rewrites Q_ref of the tokens whose K/V (or O, as their request's Q_ref
+    # follows) are recomputed, when a request of the batch keeps Q_ref; adds the
+    # reuse flags to the tokens' counters; and fills ``out``'s reused rows.
+    scratch = runtime.selection_scratch(T, meta.query_start_loc.shape[0] - 1)
     flags = ops.decide_reuse(q, slots, cache, layout, runtime.tau_kv, runtime.tau_o,
                              runtime.per_head,
-                             step.kv_is_reference if step.keeps_reference else None)
+                             step.kv_is_reference if step.keeps_reference else None,
+                             reuse_counts=runtime.token_reuse_counts(T), o_out=out,
+                             scratch=scratch)
     # Lists 0 (K/V recomputed) and 1 (O recomputed). The lengths stay on the
     # device; the kernel also adds them to the step's per-layer counters.
     lists, starts, counts = ops.select_rows(flags, meta.query_start_loc,
-                                            runtime.recomputed_totals(layer_index, T))
+                                            runtime.recomputed_totals(layer_index, T), scratch)
 
     def count(which: int) -> torch.Tensor:
         return counts[which : which + 1]
@@ -335,16 +367,14 @@ def _selected_rows(meta, cache, block_size, layer_index, runtime, layout, scale,
         ops.write_kv_rows(k, v, runtime.all_rows, slots, cache, layout)
 
     if runtime.o_may_reuse:
-        # Every row's cached output (one gather), then the recomputed rows attended,
-        # projected and stored over it (and into their O slots).
+        # The recomputed rows attended, projected and stored into ``out`` (which
+        # holds the reused rows already) and into their O slots.
         H, D = layout.num_heads, layout.head_dim
-        attn = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+        attn = runtime.attention_rows((T, H, D), q.dtype)
         ops.paged_attention_rows(q.view(T, H, D), cache, layout, meta.block_table,
                                  meta.seq_lens, lists[1], None, attn, block_size, scale,
                                  max_rows_per_req=meta.max_query_len,
                                  req_row_start=starts[1])
-        out = cache[:, layout.o_offset : layout.o_offset + layout.q_width].index_select(
-            0, slots)
         if proj.o_weight is not None:
             ops.project_rows(attn.view(T, layout.q_width), proj.o_weight, None, lists[1],
                              count(1), D, out, slot_mapping=slots,
@@ -363,5 +393,5 @@ def _selected_rows(meta, cache, block_size, layer_index, runtime, layout, scale,
                                 runtime.all_rows, proj)
         if step.keeps_o:
             ops.write_rows(out, runtime.all_rows, slots, cache, layout.o_offset)
-    runtime.count(layer_index, meta, flags[:, :2])
+    runtime.count(layer_index, meta)
     return out

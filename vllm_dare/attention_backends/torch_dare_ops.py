@@ -2,7 +2,8 @@
 backend (vLLM's CPU build: Triton only has an interpreter there, which is a test
 tool, not a runtime). Same signatures and semantics as ``triton_dare_kernels``;
 the reuse mask is applied the same way: only the selected rows are computed and
-written.
+written. The ``scratch`` storage ``decide_reuse`` and ``select_rows`` take (to spare
+a GPU layer step its allocations) goes unused: they return new tensors.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def write_kv_rows(k, v, rows, slot_mapping, cache, layout: DareCacheLayout) -> N
 
 
 def decide_reuse(q, slot_mapping, cache, layout: DareCacheLayout, tau_kv, tau_o,
-                 per_head: bool, qref_follows_kv=None, eps: float = 1e-6) -> torch.Tensor:
+                 per_head: bool, qref_follows_kv=None, reuse_counts=None, o_out=None,
+                 eps: float = 1e-6, scratch=None) -> torch.Tensor:
     T, H, D = q.shape[0], layout.num_heads, layout.head_dim
     ref = cache[:, layout.qref_offset : layout.qref_offset + H * D].index_select(
         0, slot_mapping.long()
@@ -110,6 +112,14 @@ def decide_reuse(q, slot_mapping, cache, layout: DareCacheLayout, tau_kv, tau_o,
     else:
         delta = diff.sum(-1).sqrt() / (norm.sum(-1).sqrt() + eps)
     reuse = torch.stack((delta <= tau_kv, delta <= tau_o), dim=1)
+    if reuse_counts is not None:
+        reuse_counts += reuse
+    if o_out is not None:
+        # The cached O of the rows that reuse it (their count is read on the host,
+        # which costs nothing on the CPU these ops run on).
+        o_rows = reuse[:, 1].nonzero().squeeze(1)
+        o_out[o_rows] = cache[slot_mapping[o_rows].long(),
+                              layout.o_offset : layout.o_offset + layout.q_width].to(o_out.dtype)
     if qref_follows_kv is not None:
         # Q_ref := q where what it follows is recomputed (the deltas above read a
         # copy of Q_ref). Only those rows are written; the row list is read on the
@@ -120,7 +130,7 @@ def decide_reuse(q, slot_mapping, cache, layout: DareCacheLayout, tau_kv, tau_o,
     return torch.cat((reuse, ~reuse), dim=1)
 
 
-def select_rows(flags, query_start_loc, totals):
+def select_rows(flags, query_start_loc, totals, scratch=None):
     T = flags.shape[0]
     picks = torch.stack((flags[:, 2], flags[:, 3]))
     prefix = torch.nn.functional.pad(torch.cumsum(picks, dim=1, dtype=torch.int32), (1, 0))

@@ -9,9 +9,12 @@
 * ``decide_reuse`` -- the predictor: per token the relative L2 change of its query
   against its cached Q_ref, ``||q - Q_ref|| / (||Q_ref|| + eps)`` (over the whole
   row, or the largest over heads), compared with the token's thresholds; it emits
-  the reuse and recompute flags the layer step selects its rows from.
-* ``select_rows`` -- the row lists of a step (K/V, O, Q_ref recomputed) and their
-  lengths, compacted on the device: the host never learns how many rows there are.
+  the reuse and recompute flags the layer step selects its rows from, and in the
+  same launch rewrites the Q_ref of recomputed tokens, counts the reuse per token
+  and copies the cached O rows of the tokens that reuse them into the output.
+* ``select_rows`` -- the row lists of a step (K/V recomputed, O recomputed) and
+  their lengths, compacted on the device: the host never learns how many rows
+  there are.
 * ``project_rows`` -- a linear projection of the listed rows only, with bias and
   rotary embedding of the keys in its epilogue, stored straight into the cache
   slots (K/V) or the layer output and its O slots: tiles past the list's length
@@ -41,6 +44,7 @@ import triton.language as tl
 
 from vllm_dare.attention_backends import torch_dare_ops
 from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
+from vllm_dare.attention_backends.row_selection_scratch import RowSelectionScratch
 
 
 def _slots_of(block_table: torch.Tensor, req: int, positions: torch.Tensor, block_size: int):
@@ -381,10 +385,12 @@ def write_kv_rows_reference(k, v, rows, slot_mapping, cache, layout) -> None:
 @triton.jit
 def _decide_reuse_kernel(
     q_ptr, q_stride, slot_mapping_ptr, cache_ptr, cache_stride,
-    tau_kv_ptr, tau_o_ptr, flags_ptr, qref_follows_kv_ptr, eps,
-    QREF_OFFSET: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PER_HEAD: tl.constexpr,
-    WRITE_QREF: tl.constexpr,
+    tau_kv_ptr, tau_o_ptr, flags_ptr, qref_follows_kv_ptr, reuse_counts_ptr,
+    o_out_ptr, o_out_stride, eps,
+    QREF_OFFSET: tl.constexpr, O_OFFSET: tl.constexpr, NUM_HEADS: tl.constexpr,
+    BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PER_HEAD: tl.constexpr, WRITE_QREF: tl.constexpr, COUNT: tl.constexpr,
+    GATHER_O: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -409,6 +415,20 @@ def _decide_reuse_kernel(
     tl.store(flags_ptr + token * 4 + 1, reuse_o)
     tl.store(flags_ptr + token * 4 + 2, (reuse_kv == 0).to(tl.int8))
     tl.store(flags_ptr + token * 4 + 3, (reuse_o == 0).to(tl.int8))
+    if COUNT:
+        # The token's reuse counters over the step's layers (only this program
+        # touches its row).
+        count_kv = reuse_counts_ptr + token * 2
+        tl.store(count_kv, tl.load(count_kv) + reuse_kv.to(tl.int32))
+        tl.store(count_kv + 1, tl.load(count_kv + 1) + reuse_o.to(tl.int32))
+    if GATHER_O:
+        # A reused O row is the layer's output for the token: copied from the cache
+        # (before any O slot of this step is rewritten, which only happens to
+        # recomputed rows, after this launch).
+        if reuse_o != 0:
+            o = tl.load(cache_ptr + slot * cache_stride + O_OFFSET + cols, mask=mask)
+            tl.store(o_out_ptr + token * o_out_stride + cols, o.to(o_out_ptr.dtype.element_ty),
+                     mask=mask)
     if WRITE_QREF:
         # The token's query becomes its Q_ref when what Q_ref follows (its K/V, or
         # its O) is recomputed. Only this program reads or writes this slot.
@@ -428,7 +448,10 @@ def decide_reuse(
     tau_o: torch.Tensor,  # float32 [T]; ... its O when delta <= tau_o
     per_head: bool,
     qref_follows_kv: torch.Tensor | None = None,  # bool [T]; None: no Q_ref write
+    reuse_counts: torch.Tensor | None = None,  # int32 [T, 2]; None: not counted
+    o_out: torch.Tensor | None = None,  # [T, num_heads * head_dim]; None: no O gather
     eps: float = 1e-6,
+    scratch: RowSelectionScratch | None = None,  # the flags are written to its own
 ) -> torch.Tensor:
     """Bool ``[T, 4]``: K/V reused, O reused, K/V recomputed, O recomputed.
 
@@ -436,35 +459,56 @@ def decide_reuse(
     over the whole row, or (``per_head``) the largest of the per-head changes.
     A negative threshold never passes (deltas are >= 0; NaN passes none).
 
-    With ``qref_follows_kv``, the query of every token whose K/V (where that is
-    True) or O (where False) is recomputed is also written to its Q_ref slot,
-    after its delta was taken: the step's Q_ref rewrite, in the same launch."""
+    In the same launch, each optional:
+
+    * ``qref_follows_kv``: the query of every token whose K/V (where that is True)
+      or O (where False) is recomputed is written to its Q_ref slot, after its
+      delta was taken (the step's Q_ref rewrite);
+    * ``reuse_counts``: the token's two reuse flags (K/V, O) are added to its row
+      (the per-token counters of a step, summed over its layers);
+    * ``o_out``: the cached O row of every token whose O is reused is copied into
+      its row (the rows of recomputed O are left for the caller to fill)."""
     T = q.shape[0]
-    flags = torch.empty(T, 4, dtype=torch.int8, device=q.device)
+    flags = (scratch.flags if scratch is not None
+             else torch.empty(T, 4, dtype=torch.int8, device=q.device))
     if T:
         write = qref_follows_kv is not None
         _decide_reuse_kernel[(T,)](
             q, q.stride(0), slot_mapping, cache, cache.stride(0), tau_kv, tau_o, flags,
-            qref_follows_kv.view(torch.int8) if write else flags, eps,
-            **decide_reuse_constexprs(layout, per_head, write),
+            qref_follows_kv.view(torch.int8) if write else flags,
+            reuse_counts if reuse_counts is not None else flags,
+            o_out if o_out is not None else q, o_out.stride(0) if o_out is not None else 0,
+            eps,
+            **decide_reuse_constexprs(layout, per_head, write, reuse_counts is not None,
+                                      o_out is not None),
         )
     return flags.view(torch.bool)
 
 
-def decide_reuse_constexprs(layout: DareCacheLayout, per_head: bool,
-                            write_qref: bool) -> dict:
-    return dict(QREF_OFFSET=layout.qref_offset, NUM_HEADS=layout.num_heads,
-                BLOCK_H=triton.next_power_of_2(layout.num_heads), HEAD_DIM=layout.head_dim,
-                BLOCK_D=triton.next_power_of_2(layout.head_dim), PER_HEAD=per_head,
-                WRITE_QREF=write_qref)
+def decide_reuse_constexprs(layout: DareCacheLayout, per_head: bool, write_qref: bool,
+                            count: bool = False, gather_o: bool = False) -> dict:
+    if gather_o and not layout.has_o:
+        raise ValueError("decide_reuse: the cache layout keeps no O rows to gather")
+    return dict(QREF_OFFSET=layout.qref_offset, O_OFFSET=layout.o_offset if gather_o else 0,
+                NUM_HEADS=layout.num_heads, BLOCK_H=triton.next_power_of_2(layout.num_heads),
+                HEAD_DIM=layout.head_dim, BLOCK_D=triton.next_power_of_2(layout.head_dim),
+                PER_HEAD=per_head, WRITE_QREF=write_qref, COUNT=count, GATHER_O=gather_o)
 
 
 def decide_reuse_reference(q, slot_mapping, cache, layout, tau_kv, tau_o, per_head: bool,
-                           qref_follows_kv=None, eps: float = 1e-6) -> torch.Tensor:
+                           qref_follows_kv=None, reuse_counts=None, o_out=None,
+                           eps: float = 1e-6) -> torch.Tensor:
     """Twin of ``decide_reuse``."""
     head, tok = query_delta_reference(q, slot_mapping, cache, layout, eps)
     delta = head.amax(dim=-1) if per_head else tok
     reuse = torch.stack((delta <= tau_kv, delta <= tau_o), dim=1)
+    if reuse_counts is not None:
+        reuse_counts += reuse.to(reuse_counts.dtype)
+    if o_out is not None:
+        o_cols = slice(layout.o_offset, layout.o_offset + layout.q_width)
+        for t in range(q.shape[0]):
+            if bool(reuse[t, 1]):
+                o_out[t] = cache[int(slot_mapping[t]), o_cols].to(o_out.dtype)
     if qref_follows_kv is not None:
         cols = slice(layout.qref_offset, layout.qref_offset + layout.q_width)
         for t in range(q.shape[0]):
@@ -531,6 +575,7 @@ def select_rows(
     flags: torch.Tensor,  # bool [T, 4] from ``decide_reuse``
     query_start_loc: torch.Tensor,  # [num_reqs + 1], the batch's
     totals: torch.Tensor,  # int32 [2]: each list's length is added to it
+    scratch: RowSelectionScratch | None = None,  # the results are written to its own
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The two row lists of a step (K/V recomputed, O recomputed), on the device
     with no host sync: ``(rows [2, T] int64, req_row_start [2, num_reqs + 1] int32,
@@ -541,10 +586,10 @@ def select_rows(
     counters over a step) gets the counts added."""
     T = flags.shape[0]
     num_reqs = query_start_loc.shape[0] - 1
-    rows = torch.empty(2, T, dtype=torch.int64, device=flags.device)
-    req_row_start = torch.empty(2, num_reqs + 1, dtype=torch.int32, device=flags.device)
-    counts = torch.empty(2, dtype=torch.int32, device=flags.device)
-    prefix = torch.empty(2, T + 1, dtype=torch.int32, device=flags.device)
+    if scratch is None:
+        scratch = RowSelectionScratch(T, num_reqs, flags.device)
+    rows, req_row_start, counts, prefix = (scratch.rows, scratch.req_row_start,
+                                           scratch.counts, scratch.prefix)
     _select_rows_kernel[(2,)](
         flags.view(torch.int8), query_start_loc, num_reqs,
         T, rows, req_row_start, counts, totals, prefix, **select_rows_constexprs())
