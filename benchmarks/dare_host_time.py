@@ -8,7 +8,7 @@ no sync in between, so each call costs what the host spends on it, while the GPU
 which has less to do, keeps up; the kernel wrappers of the step (``runtime.ops``) are
 timed on the host around each call. "rest" is the step's time outside them: the
 Python of the step and its ATen ops (the benchmark's projection matmuls,
-allocations, the O gather, counters).
+allocations).
 
     python benchmarks/dare_host_time.py --out dare_host_time.json
 

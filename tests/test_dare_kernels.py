@@ -368,6 +368,17 @@ def test_select_rows_matches_twin(impl, kind, batch):
         assert 0 < n < T
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_decide_reuse_refuses_to_gather_o_from_a_cache_without_o(impl):
+    layout = DareCacheLayout(4, 2, 64, has_o=False)  # an engine whose max_mode is kv
+    cache, _, slot_mapping, _, _ = _batch([5], 16, layout, seed=1)
+    q = torch.zeros(5, layout.q_width, device=DEVICE)
+    taus = torch.full((5,), 0.1, device=DEVICE)
+    with pytest.raises(ValueError, match="keeps no O rows"):
+        IMPLS[impl].decide_reuse(q, slot_mapping, cache, layout, taus, taus, False,
+                                 o_out=torch.empty_like(q))
+
+
 def test_selection_scratch_shared_by_successive_layers():
     """``decide_reuse`` and ``select_rows`` given a ``RowSelectionScratch`` write their
     results into it (the layers of a step share one, allocating nothing) and

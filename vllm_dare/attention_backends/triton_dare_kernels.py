@@ -487,8 +487,7 @@ def decide_reuse(
 
 def decide_reuse_constexprs(layout: DareCacheLayout, per_head: bool, write_qref: bool,
                             count: bool = False, gather_o: bool = False) -> dict:
-    if gather_o and not layout.has_o:
-        raise ValueError("decide_reuse: the cache layout keeps no O rows to gather")
+    # (``layout.o_offset`` raises for a cache that keeps no O rows.)
     return dict(QREF_OFFSET=layout.qref_offset, O_OFFSET=layout.o_offset if gather_o else 0,
                 NUM_HEADS=layout.num_heads, BLOCK_H=triton.next_power_of_2(layout.num_heads),
                 HEAD_DIM=layout.head_dim, BLOCK_D=triton.next_power_of_2(layout.head_dim),
