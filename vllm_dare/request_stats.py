@@ -9,6 +9,11 @@ the one free-form per-request field vLLM carries from the engine to the client
   pass included: the NFE), ``denoising_steps`` (steps run), ``gen_length``;
 * ``"dare"`` (DARE backend only): reuse counts, see ``dare_stats.summarize``.
 
+The same channel carries the requests the worker had to fail
+(``report_failure`` / ``take_failures``): a request whose state the worker
+cannot explain is ended by the scheduler with ``finish_reason="error"``, and
+the engine goes on serving the others.
+
 Worker and scheduler share this module's dictionary when they share a process
 (vLLM's single-process executor: one GPU, or ``LLM`` with
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0``). With vLLM's multiprocess executor (tensor
@@ -33,6 +38,7 @@ import threading
 _lock = threading.Lock()
 _pending: dict[str, dict] = {}
 _MAX_PENDING = 100_000  # bound for figures nobody collects
+_failures: dict[str, str] = {}
 SECTIONS = ("dllm", "dare")
 
 
@@ -89,3 +95,45 @@ def take(req_id: str, prefix: str | None = None) -> dict | None:
         return found or None
     with _lock:
         return _pending.pop(req_id, None)
+
+
+def _failures_file(prefix: str) -> str:
+    return f"{prefix}failures.json"
+
+
+def report_failure(req_id: str, reason: str, prefix: str | None = None) -> None:
+    """Record that the worker failed request ``req_id`` (why, in words). The
+    scheduler reads the step's failures after the step (``take_failures``);
+    steps are synchronous, so the worker never writes while it reads."""
+    if prefix is None:
+        with _lock:
+            _failures[req_id] = reason
+        return
+    path = _failures_file(prefix)
+    try:
+        with open(path) as f:
+            failures = json.load(f)
+    except FileNotFoundError:
+        failures = {}
+    failures[req_id] = reason
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(failures, f)
+    os.replace(tmp, path)
+
+
+def take_failures(prefix: str | None = None) -> dict[str, str]:
+    """The requests failed by the worker since the last call: id -> reason."""
+    if prefix is None:
+        with _lock:
+            failures = dict(_failures)
+            _failures.clear()
+        return failures
+    path = _failures_file(prefix)
+    try:
+        with open(path) as f:
+            failures = json.load(f)
+    except FileNotFoundError:
+        return {}
+    os.unlink(path)
+    return failures

@@ -140,13 +140,13 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
                 "with classifier-free guidance it runs as two sequences (the request "
                 f"and its unconditional twin) and max_num_seqs is {self.max_num_running_reqs}"
             )
-        if sequences * length > self.max_num_scheduled_tokens:
+        if sequences * length > self._step_budget():
             # Only a guided request can get here (the step budget is raised to at
             # least max_model_len).
             return (
                 f"with classifier-free guidance its {length} tokens run twice in every "
                 f"step (the request and its unconditional twin), {2 * length} tokens, and "
-                f"a step holds {self.max_num_scheduled_tokens} "
+                f"a step holds {self._step_budget()} "
                 "(raise --max-num-batched-tokens)"
             )
         needed = sequences * self._blocks_for(length)
@@ -254,13 +254,17 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
                 if r.request_id in partners and partners[r.request_id] not in running_ids]
         self._preempt(lone, timestamp)
 
-        budget = self.max_num_scheduled_tokens
+        budget = self._step_budget()
         free = self.kv_cache_manager.block_pool.get_num_free_blocks()
         groups = self._groups(self.running, partners)
         if self.policy == SchedulingPolicy.PRIORITY:  # else first come, first served
             groups.sort(key=lambda group: (group[0].priority, group[0].arrival_time))
         kept: list[Request] = []
         deferred: list[Request] = []
+        # Requests whose prompt is still being consumed (started on part of a
+        # step's budget): they may take a further chunk, so they go after every
+        # whole sequence, where vLLM gives them what is left.
+        prompt_chunks: list[Request] = []
         i = 0
         while i < len(groups):
             group = groups[i]
@@ -272,17 +276,32 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
                 groups.pop(i)
                 continue
             free -= need_blocks
+            i += 1
+            if len(group) == 1 and not _is_denoising(group[0]):
+                prompt_chunks.append(group[0])
+                continue
             need_tokens = 0
             for member in group:
                 if _is_denoising(member):
-                    member.num_computed_tokens = 0
                     need_tokens += member.num_prompt_tokens + len(member.spec_token_ids)
+                else:  # a pair's prompts are consumed whole, in one step
+                    need_tokens += member.num_prompt_tokens - member.num_computed_tokens
             if need_tokens <= budget:
                 budget -= need_tokens
+                for member in group:
+                    if _is_denoising(member):
+                        # Recompute the whole sequence (a deferred request keeps
+                        # its count, so that it still reads as denoising).
+                        member.num_computed_tokens = 0
                 kept.extend(group)
             else:
                 deferred.extend(group)
-            i += 1
+        for request in prompt_chunks:
+            if budget > 0:
+                budget -= min(request.num_prompt_tokens - request.num_computed_tokens, budget)
+                kept.append(request)
+            else:
+                deferred.append(request)
 
         slots = (self.max_num_running_reqs - len(kept) - len(deferred)
                  - self.num_waiting_for_streaming_input)
@@ -305,6 +324,13 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
             not_started = list(self.waiting)
             self.waiting = waiting
             waiting.prepend_requests(reversed(not_started))
+
+    def _step_budget(self) -> int:
+        """Tokens one step may schedule: vLLM's scheduler stops at the smaller of
+        its two budgets (``max_num_scheduled_tokens`` and
+        ``max_num_batched_tokens``)."""
+        return min(self.max_num_scheduled_tokens,
+                   self.scheduler_config.max_num_batched_tokens)
 
     def _startable(self, partners: dict[str, str], budget: int, free: int,
                    slots: int) -> list[Request]:
@@ -349,8 +375,25 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
             self._twins.pop(request.request_id, None)
         return [r for r in finished if not is_cfg_twin(r.request_id)]
 
+    def _end_failed_requests(self) -> None:
+        """Finish, with finish_reason "error", the requests the worker failed in
+        this step (a guided request with its twin); their outputs leave with the
+        rejected ones."""
+        failures = request_stats.take_failures(self._stats_channel)
+        if not failures:
+            return
+        owners = {}
+        for req_id, reason in failures.items():
+            owner = req_id.removesuffix(CFG_TWIN_SUFFIX)
+            if owner in self.requests:
+                owners[owner] = reason
+        for owner, reason in owners.items():
+            logger.error("Request %s ended with finish_reason=error: %s", owner, reason)
+        self._rejected += self.finish_requests(list(owners), RequestStatus.FINISHED_ERROR)
+
     def update_from_output(self, scheduler_output, model_runner_output):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
+        self._end_failed_requests()
         for request in self._rejected:
             output = EngineCoreOutput(
                 request_id=request.request_id,

@@ -104,6 +104,17 @@ class DenoisingEngineConfig(VerifyAndUpdateConfig):
         ):
             scheduler_config.max_num_scheduled_tokens = max_model_len
 
+        if scheduler_config.long_prefill_token_threshold:
+            # vLLM caps every running request at this many tokens per step, which
+            # would cut a denoising request's whole-sequence forward in two.
+            logger.info(
+                "%s: long_prefill_token_threshold %d ignored (a denoising step runs "
+                "a request's whole sequence).",
+                model_config.architecture,
+                scheduler_config.long_prefill_token_threshold,
+            )
+            scheduler_config.long_prefill_token_threshold = 0
+
         dare = cls._dare_settings(vllm_config)
 
         generation_config = dict(model_config.try_get_generation_config())

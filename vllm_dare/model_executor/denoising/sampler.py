@@ -48,6 +48,11 @@ logger = init_logger(__name__)
 _NO_PENALTIES = SimpleNamespace(output_bin_counts=None)
 
 
+class DenoisingStateError(RuntimeError):
+    """A request's step does not match its denoising state (for example a
+    forward over part of its sequence)."""
+
+
 @dataclass
 class CfgTwin:
     """The unconditional twin of a guided request: it only mirrors the canvas."""
@@ -111,6 +116,17 @@ class DenoisingSampler:
         self.dare_counts.pop(req_idx, None)
         self.forwards.pop(req_idx, None)
 
+    def _fail(self, req_id: str, slot: int, exc: Exception) -> None:
+        """End one request (the scheduler finishes it with finish_reason
+        "error"), keep serving the others."""
+        reason = f"{type(exc).__name__}: {exc}"
+        logger.error("Request %s failed in the diffusion sampler and is ended with "
+                     "finish_reason=error: %s", req_id, reason,
+                     exc_info=not isinstance(exc, DenoisingStateError))
+        self.states.pop(slot, None)
+        if self.publish_stats:
+            request_stats.report_failure(req_id, reason, self.stats_channel)
+
     def apply_staged_writes(self) -> None:
         self.sampling_states.apply_staged_writes()
         self.logprob_token_ids_state.apply_staged_writes()
@@ -168,11 +184,7 @@ class DenoisingSampler:
                     "num_layers": self.dare_runtime.num_layers,
                 }, self.stats_channel)
 
-        for i in range(num_reqs):
-            slot = int(slots[i])
-            state = self.states.get(slot)
-            if state is None:  # dummy / profiling batch
-                continue
+        def step_request(i: int, slot: int, state) -> None:
             self.forwards[slot] = self.forwards.get(slot, 0) + 1
             # Everything computed this step is thrown away again: the next step
             # recomputes the whole sequence.
@@ -183,16 +195,16 @@ class DenoisingSampler:
                 if recompute >= int(input_batch.prefill_len_np[i]):  # prompt consumed
                     drafts[slot, : state.gen_length] = state.canvas
                     num_rejected[i] = recompute
-                continue
+                return
             if n != state.gen_length:
-                raise RuntimeError(
+                raise DenoisingStateError(
                     f"request in slot {slot} got {n} canvas logits, expected "
                     f"{state.gen_length}"
                 )
             if num_sampled[i] == 0:
                 num_rejected[i] = recompute
             if isinstance(state, CfgTwin):
-                continue  # stepped together with its owner
+                return  # stepped together with its owner
 
             step_logits = rows(i)
             twin_i = twin_slot = None
@@ -209,7 +221,7 @@ class DenoisingSampler:
                     # The twin did not see this canvas: no step, resync it.
                     if twin_slot is not None:
                         drafts[twin_slot, :n] = state.canvas
-                    continue
+                    return
                 uncond = rows(twin_i)
                 step_logits = uncond + (state.params.cfg_scale + 1) * (step_logits - uncond)
 
@@ -221,6 +233,19 @@ class DenoisingSampler:
                 drafts[slot, :n] = state.canvas
                 if twin_slot is not None:
                     drafts[twin_slot, :n] = state.canvas
+
+        for i in range(num_reqs):
+            slot = int(slots[i])
+            state = self.states.get(slot)
+            if state is None:  # dummy / profiling batch
+                continue
+            try:
+                step_request(i, slot, state)
+            except Exception as exc:  # one request's trouble never ends the engine
+                self._fail(input_batch.req_ids[i], slot, exc)
+                num_sampled[i] = 0
+                num_rejected[i] = (int(input_batch.num_computed_tokens_np[i])
+                                   + int(query_lens[i]))
         return SamplerOutput(
             sampled_token_ids=sampled,
             logprobs_tensors=None,
