@@ -113,13 +113,36 @@ def test_engine_rejects_logprobs_and_vllm_temperature(llada_engine):
     _ok(llm)
 
 
-def test_engine_fails_request_longer_than_model(llada_engine):
+def test_engine_caps_max_tokens_at_max_model_len_like_the_server(
+    llada_engine, tiny_llada, caplog
+):
+    """prompt + max_tokens past max_model_len: the canvas is what is left of
+    max_model_len, as vLLM's OpenAI server computes max_tokens (240 + 32 > 256:
+    16 positions, the reference's output for gen_length 16). When the knobs do
+    not fit the capped length (block length 32 > 16), the request ends with
+    finish_reason "error" and a logged reason; the other requests are served."""
+    from vllm_dare.reference import llada_generate, load_reference_model
+
     llm = llada_engine()
-    long_prompt = "y" * 240  # 240 prompt tokens + 32 > max_model_len 256
-    outs = llm.generate(
-        [long_prompt, "hello"], SamplingParams(max_tokens=32), use_tqdm=False
+    ref = load_reference_model(tiny_llada)
+    long_prompt = "y" * 240
+    ids = llm.get_tokenizer().encode(long_prompt)
+    assert len(ids) == 240
+    caplog.set_level("INFO", logger="vllm_dare")
+    params = SamplingParams(max_tokens=32)
+    outs = llm.generate([long_prompt, "hello"], params, use_tqdm=False)
+    assert params.max_tokens == 32  # the caller's object is left alone
+    assert list(outs[0].outputs[0].token_ids) == llada_generate(
+        ref.logits, ids, ref.spec.mask_token_id, 16, 16, 16)
+    assert "max_tokens 32 capped at 16" in caplog.text
+    assert len(outs[1].outputs[0].token_ids) == 32
+    blocked = llm.generate(
+        [long_prompt, "hello"],
+        SamplingParams(max_tokens=32, extra_args={"dllm_block_length": 32}),
+        use_tqdm=False,
     )
-    assert outs[0].outputs[0].finish_reason == "error"
-    assert outs[0].outputs[0].token_ids == []
-    assert len(outs[1].outputs[0].token_ids) > 0
+    assert blocked[0].outputs[0].finish_reason == "error"
+    assert blocked[0].outputs[0].token_ids == []
+    assert "max_tokens=16 must be a multiple of the block length 32" in caplog.text
+    assert len(blocked[1].outputs[0].token_ids) == 32
     _ok(llm)

@@ -26,10 +26,11 @@ makes the engine follow the reference:
   an internal *twin* request with that prompt, schedules owner and twin together,
   finishes them together, and never reports the twin to the client. The sampler
   combines the two rows of logits (see ``denoising/sampler.py``).
-* A request whose prompt plus ``max_tokens`` exceeds ``max_model_len`` cannot be
-  denoised; it is finished with ``finish_reason="error"`` and the reason is logged.
-  (The OpenAI server caps ``max_tokens`` at ``max_model_len`` minus the prompt, so
-  only direct ``LLM.generate`` callers can reach this.)
+* A request whose prompt plus ``max_tokens`` exceeds ``max_model_len`` gets
+  ``max_tokens`` capped at ``max_model_len`` minus its prompt, the rule vLLM's
+  OpenAI server applies before the engine sees it; if its knobs do not fit the
+  capped length (a LLaDA block length that does not divide it), or nothing is
+  left, it is finished with ``finish_reason="error"`` and the reason is logged.
 """
 
 from __future__ import annotations
@@ -109,13 +110,22 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
     # ------------------------------------------------------------------ admission
 
     def add_request(self, request: Request) -> None:
+        reason = None
+        if not is_cfg_twin(request.request_id):
+            reason = self._fit_to_max_model_len(request)
         super().add_request(request)
         params = request.sampling_params
         guided = False
-        if params is not None and not is_cfg_twin(request.request_id):
-            resolved = resolve_params(params.extra_args, params.max_tokens, self._defaults)
-            guided = resolved.cfg_scale > 0
-        reason = self._unservable_reason(request, guided)
+        if reason is None and params is not None and not is_cfg_twin(request.request_id):
+            try:
+                resolved = resolve_params(params.extra_args, params.max_tokens,
+                                          self._defaults)
+            except ValueError as e:
+                reason = str(e)
+            else:
+                guided = resolved.cfg_scale > 0
+        if reason is None:
+            reason = self._unservable_reason(request, guided)
         if reason is not None:
             logger.error("Request %s: %s, so the request is rejected.",
                          request.request_id, reason)
@@ -126,14 +136,28 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
             super().add_request(twin)
             self._twins[request.request_id] = twin.request_id
 
+    def _fit_to_max_model_len(self, request: Request) -> str | None:
+        """Cap ``max_tokens`` at what ``max_model_len`` leaves after the prompt,
+        as vLLM's OpenAI server does before a request reaches the engine, so that
+        ``LLM.generate`` and the server treat such a request alike. Returns why
+        the request cannot be served if nothing is left."""
+        room = self.max_model_len - request.num_prompt_tokens
+        if request.max_tokens <= room:
+            return None
+        if room <= 0:
+            return (f"its prompt ({request.num_prompt_tokens} tokens) leaves no room "
+                    f"for a canvas within max_model_len={self.max_model_len}")
+        logger.info("Request %s: max_tokens %d capped at %d (max_model_len=%d less the "
+                    "%d-token prompt).", request.request_id, request.max_tokens, room,
+                    self.max_model_len, request.num_prompt_tokens)
+        # A copy: the caller's SamplingParams may be this very object.
+        request.sampling_params = request.sampling_params.clone()
+        request.sampling_params.max_tokens = room
+        request.max_tokens = room
+        return None
+
     def _unservable_reason(self, request: Request, guided: bool) -> str | None:
         length = _sequence_length(request)
-        if length > self.max_model_len:
-            return (
-                f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
-                f"({request.max_tokens}) exceeds max_model_len={self.max_model_len}; a "
-                "diffusion model denoises all max_tokens positions at once"
-            )
         sequences = 2 if guided else 1
         if sequences > self.max_num_running_reqs:
             return (

@@ -1,4 +1,5 @@
-"""OpenAI ``temperature`` / ``seed`` for diffusion models, as an ASGI middleware.
+"""OpenAI ``temperature`` / ``seed`` and a default ``max_tokens`` for diffusion
+models, as an ASGI middleware (installed by ``vllm-dare serve``).
 
 vLLM 0.32/0.33 refuses a request to a diffusion model whose ``temperature`` is not
 1.0 or that sets ``seed`` (``SamplingParams._validate_diffusion``), so standard
@@ -11,6 +12,12 @@ the server reads an explicit ``temperature`` as the denoising temperature
 (``vllm_xargs.dllm_temperature``; 0 = greedy) and ``seed`` as the request's own
 denoising seed (``vllm_xargs.dllm_seed``) on ``/v1/completions`` and
 ``/v1/chat/completions``. Setting both forms of the same knob is an HTTP 400.
+
+A ``/v1/completions`` request without ``max_tokens`` gets the served canvas (vLLM
+then caps it at what ``max_model_len`` leaves after the prompt), as a chat request
+without it does through the engine's default (``engine_config.py``); vLLM's own
+completions default is 16 tokens.
+
 Requests without these fields, and every other route, pass through untouched.
 """
 
@@ -21,6 +28,24 @@ from typing import Any
 
 PATHS = ("/v1/completions", "/v1/chat/completions")
 MAPPED = (("temperature", "dllm_temperature"), ("seed", "dllm_seed"))
+
+
+def served_canvas_length(app) -> int | None:
+    """The served canvas (``DiffusionConfig.canvas_length``) of the vLLM API
+    server ``app``, None if it serves no diffusion model."""
+    config = getattr(getattr(app, "state", None), "vllm_config", None)
+    diffusion = getattr(config, "diffusion_config", None)
+    length = getattr(diffusion, "canvas_length", None)
+    return None if length is None else int(length)
+
+
+def fill_default_max_tokens(path: str, body: dict[str, Any], canvas: int | None) -> bool:
+    """Give a completions request without ``max_tokens`` the served canvas;
+    True if changed."""
+    if path != "/v1/completions" or canvas is None or body.get("max_tokens") is not None:
+        return False
+    body["max_tokens"] = canvas
+    return True
 
 
 def move_sampling_fields(body: dict[str, Any]) -> bool:
@@ -75,7 +100,10 @@ class DiffusionSamplingMiddleware:
             payload = None  # vLLM answers malformed JSON itself
         if isinstance(payload, dict):
             try:
-                if move_sampling_fields(payload):
+                changed = move_sampling_fields(payload)
+                canvas = served_canvas_length(scope.get("app"))
+                changed |= fill_default_max_tokens(scope["path"], payload, canvas)
+                if changed:
                     body = json.dumps(payload).encode()
             except ValueError as e:
                 await _bad_request(send, str(e))

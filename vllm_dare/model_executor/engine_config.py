@@ -13,7 +13,9 @@ the engine config, in the process that builds it. For our two architectures it:
   ``--override-generation-config``), hands them to the workers and installs the
   admission-time request validator;
 * keeps vLLM's own sampling defaults out of the way: diffusion requests must keep
-  ``temperature=1.0`` in vLLM (the denoising temperature is ``dllm_temperature``).
+  ``temperature=1.0`` in vLLM (the denoising temperature is ``dllm_temperature``);
+  a request without ``max_tokens`` gets the served canvas;
+* on vLLM's CPU build, runs the model eagerly (no torch.compile warm-up).
 """
 
 from __future__ import annotations
@@ -135,6 +137,22 @@ class DenoisingEngineConfig(VerifyAndUpdateConfig):
         hf_config.denoising_defaults = defaults.encode()
         for key in _VLLM_SAMPLING_KEYS:
             model_config.override_generation_config[key] = None
+        # A request without max_tokens gets the served canvas (the OpenAI
+        # server then takes the smaller of it and what max_model_len leaves
+        # after the prompt), not max_model_len - prompt, which passes the canvas.
+        default_length = generation_config.get("max_new_tokens")
+        if default_length is None or default_length > canvas_length:
+            model_config.override_generation_config["max_new_tokens"] = int(canvas_length)
+
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu() and not model_config.enforce_eager:
+            # The CPU build would compile and warm up the model with
+            # torch.compile (minutes on a small machine) for batch shapes a
+            # denoising step never has; the diffusion path runs eagerly there.
+            logger.info("%s: eager mode on the CPU build (no torch.compile).",
+                        model_config.architecture)
+            model_config.enforce_eager = True
 
         validator = validator_name(defaults)
         processors = [
