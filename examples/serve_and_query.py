@@ -1,7 +1,7 @@
 """Serve a diffusion model with vLLM's OpenAI server and query it.
 
-Starts ``python -m vllm.entrypoints.openai.api_server`` with the DARE backend on the
-packaged default model (the trained LLaDA-architecture task model, or --model PATH),
+Starts ``vllm-dare serve`` (vLLM's server, set up for diffusion models) with the
+DARE backend on the packaged default model (the trained LLaDA-architecture task model, or --model PATH),
 asks it one held-out question per task in exact mode and with DARE reuse, streams an
 answer, shows the HTTP 400 for a bad knob, and stops the server. Exits non-zero if
 an exact-mode answer is wrong.
@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import openai
@@ -56,19 +55,11 @@ def main() -> None:
     port = free_port()
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # CPU build: KV cache size in GiB
-    env.setdefault("TORCHDYNAMO_DISABLE", "1")
-    # Prometheus multiprocess mode: the engine process's DARE counters reach /metrics.
-    env.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="vllm-dare-prom-"))
+    vllm_dare = os.path.join(os.path.dirname(sys.executable), "vllm-dare")
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", args.model, "--served-model-name", "dllm",
-        "--max-model-len", "512", "--enforce-eager",
-        "--attention-backend", "dare",
-        "--middleware", "vllm_dare.entrypoints.sampling_middleware.DiffusionSamplingMiddleware",
+        vllm_dare, "serve", args.model, "--served-model-name", "dllm",
+        "--max-model-len", "512", "--attention-backend", "dare",
         "--host", "127.0.0.1", "--port", str(port),
-        # On SIGINT let the engine finish and exit instead of being killed at once
-        # (vLLM's default, 0, aborts and logs the engine's death as an error).
-        "--shutdown-timeout", "30",
     ]
     print("$", " ".join(cmd), flush=True)
     # Own session: the shutdown signal reaches the API server only, which then stops
@@ -104,7 +95,8 @@ def main() -> None:
 
         stream = client.chat.completions.create(
             model="dllm", messages=[{"role": "user", "content": "words 512"}],
-            max_tokens=32, stream=True,
+            max_tokens=32, stream=True, temperature=0,
+            extra_body={"vllm_xargs": {"dllm_block_length": 8}},
         )
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         print(f"[stream] 'words 512' -> {text!r}")
@@ -132,10 +124,6 @@ def main() -> None:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    # vLLM 0.32 logs "AsyncLLM output_handler failed ... EngineDeadError" while it
-    # shuts down even when the shutdown is clean (vllm-project/vllm#48745).
-    print("\n(server stopped; an EngineDeadError traceback logged during its shutdown "
-          "is vLLM's spurious shutdown message, vllm-project/vllm#48745)")
     if wrong:
         sys.exit(f"{wrong} exact-mode answer(s) wrong")
     print("all exact-mode answers correct")

@@ -1,72 +1,38 @@
-"""The OpenAI-compatible server with the DARE backend (``--attention-backend dare``):
-completions, chat, streaming, HTTP 400 for bad diffusion/DARE knobs with the server
-still serving afterwards, the DARE counters in ``/metrics`` (Prometheus
-multiprocess mode), OpenAI ``temperature``/``seed`` through the project's middleware,
-and lm-eval's ``local-completions`` model on the shipped task configs."""
+"""The OpenAI-compatible server, started as users start it (``vllm-dare serve``)
+with the DARE backend (``--attention-backend dare``): completions, chat,
+streaming, HTTP 400 for bad diffusion/DARE knobs with the server still serving
+afterwards, the DARE counters in ``/metrics`` with no extra set-up, OpenAI
+``temperature``/``seed`` through the project's middleware, and lm-eval's
+``local-completions`` model on the shipped task configs."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 
+import openai
 import pytest
 import requests
-
-openai = pytest.importorskip("openai")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from server_process import Server
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llada, engines, tmp_path_factory):
     engines.close()  # one engine at a time on a 2-core machine
-    port = _free_port()
-    env = dict(os.environ)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path_factory.mktemp("prometheus"))
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(tiny_llada), "--served-model-name", "tiny-llada",
-        "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
-        "--max-num-seqs", "4", "--host", "127.0.0.1", "--port", str(port),
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    srv = Server(str(tiny_llada), [
+        "--served-model-name", "tiny-llada",
+        "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "4",
         "--attention-backend", "dare",
         # exact by default; requests opt into reuse with dare_* knobs
         "--additional-config", '{"dare": {"mode": "off"}}',
-        "--middleware",
-        "vllm_dare.entrypoints.sampling_middleware.DiffusionSamplingMiddleware",
         # on the CPU build this is the share of the NUMA node's memory vLLM may
         # take; stay modest so the test also runs next to other work
         "--gpu-memory-utilization", "0.4",
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("server exited:\n" + proc.stdout.read()[-5000:])
-        try:
-            if requests.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    else:
-        proc.kill()
-        raise RuntimeError("server did not start in time")
-    yield base
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    ], log, env_updates={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    yield srv.base
+    srv.stop()
 
 
 @pytest.fixture(scope="module")

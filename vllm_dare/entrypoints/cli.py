@@ -10,15 +10,22 @@ what a diffusion server needs and plain ``vllm serve`` cannot give it:
   OpenAI ``temperature`` / ``seed`` as denoising knobs, and the served canvas as
   the default ``max_tokens`` of ``/v1/completions``), unless ``--middleware``
   already names it;
-* Prometheus multiprocess mode, through vLLM's own set-up function, so the
-  counters the engine process records (DARE's reuse counters) reach
-  ``/metrics``; vLLM removes the directory at exit;
+* Prometheus multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, a new temporary
+  directory removed at exit, unless one is set), so the counters the engine
+  process records (DARE's reuse counters) reach ``/metrics``;
+* a graceful shutdown: ``--shutdown-timeout 5`` unless set (in-flight requests
+  get up to 5 s, then are aborted; vLLM's default 0 kills the engine processes
+  at once);
 * on vLLM's CPU build, a KV-cache size (``VLLM_CPU_KVCACHE_SPACE``, GiB) when none
   is set: without one vLLM's start-up memory check fails on small machines.
+
+* a quiet exit: no report of vLLM's spurious shutdown error or of Triton's
+  bindings at interpreter exit.
 
 It exists because the ``vllm`` launcher of the CPU build (distribution
 ``vllm-cpu``) fails before parsing its arguments: it looks up the version of a
 distribution named ``vllm``. ``vllm-dare serve`` works the same on both builds.
+Each of these works around a vLLM limit described in ``vllm_dare/vllm_compat.py``.
 """
 
 from __future__ import annotations
@@ -26,8 +33,25 @@ from __future__ import annotations
 import os
 import sys
 
+from vllm_dare.vllm_compat import (
+    exit_after_shutdown,
+    install_shutdown_filter,
+    use_prometheus_multiprocess_dir,
+)
+
 MIDDLEWARE = "vllm_dare.entrypoints.sampling_middleware.DiffusionSamplingMiddleware"
 CPU_KV_CACHE_GIB = "4"
+# vLLM's default (0) kills the engine processes at once on SIGINT/SIGTERM, which
+# leaves their shared memory and semaphores for Python's resource tracker to
+# report; a few seconds let them finish a step and exit on their own.
+SHUTDOWN_TIMEOUT_S = "5"
+
+
+def with_shutdown_timeout(argv: list[str]) -> list[str]:
+    """``argv`` with ``--shutdown-timeout SHUTDOWN_TIMEOUT_S`` unless it is set."""
+    if any(a == "--shutdown-timeout" or a.startswith("--shutdown-timeout=") for a in argv):
+        return list(argv)
+    return [*argv, "--shutdown-timeout", SHUTDOWN_TIMEOUT_S]
 
 
 def with_middleware(argv: list[str]) -> list[str]:
@@ -53,15 +77,14 @@ def main(argv: list[str] | None = None) -> None:
 
     if is_cpu_build():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+    use_prometheus_multiprocess_dir()  # before prometheus_client is imported
 
     from vllm.entrypoints.cli import serve
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
-    from vllm.v1.metrics.prometheus import setup_multiprocess_prometheus
 
     cli_env_setup()
-    setup_multiprocess_prometheus()
     parser = FlexibleArgumentParser(prog="vllm-dare",
                                     description="vLLM's serve for diffusion models")
     subparsers = parser.add_subparsers(required=True, dest="subparser")
@@ -69,11 +92,16 @@ def main(argv: list[str] | None = None) -> None:
     for command in serve.cmd_init():
         command.subparser_init(subparsers).set_defaults(dispatch_function=command.cmd)
         commands[command.name] = command
-    args = parser.parse_args([argv[0], *with_middleware(argv[1:])])
+    args = parser.parse_args([argv[0], *with_shutdown_timeout(with_middleware(argv[1:]))])
     command = commands[args.subparser]
     configure_logging_from_args(args)
+    install_shutdown_filter()
     command.validate(args)
-    args.dispatch_function(args)
+    try:
+        args.dispatch_function(args)
+    except SystemExit as e:  # vLLM's signal handlers end the server this way
+        exit_after_shutdown(e.code)
+    exit_after_shutdown(0)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ the server reads an explicit ``temperature`` as the denoising temperature
 denoising seed (``vllm_xargs.dllm_seed``) on ``/v1/completions`` and
 ``/v1/chat/completions``. Setting both forms of the same knob is an HTTP 400.
 
-A ``/v1/completions`` request without ``max_tokens`` gets the served canvas (vLLM
-then caps it at what ``max_model_len`` leaves after the prompt), as a chat request
+A ``/v1/completions`` request without ``max_tokens`` gets the served canvas (at
+most ``max_model_len``; vLLM then caps it at what ``max_model_len`` leaves after
+the prompt), as a chat request
 without it does through the engine's default (``engine_config.py``); vLLM's own
 completions default is 16 tokens.
 
@@ -30,13 +31,17 @@ PATHS = ("/v1/completions", "/v1/chat/completions")
 MAPPED = (("temperature", "dllm_temperature"), ("seed", "dllm_seed"))
 
 
-def served_canvas_length(app) -> int | None:
-    """The served canvas (``DiffusionConfig.canvas_length``) of the vLLM API
-    server ``app``, None if it serves no diffusion model."""
+def default_max_tokens(app) -> int | None:
+    """The default ``max_tokens`` of the vLLM API server ``app``: its served
+    canvas (``DiffusionConfig.canvas_length``), at most ``max_model_len`` (vLLM
+    refuses more, and caps it further at what the prompt leaves); None if it
+    serves no diffusion model."""
     config = getattr(getattr(app, "state", None), "vllm_config", None)
     diffusion = getattr(config, "diffusion_config", None)
     length = getattr(diffusion, "canvas_length", None)
-    return None if length is None else int(length)
+    if length is None:
+        return None
+    return min(int(length), int(config.model_config.max_model_len))
 
 
 def fill_default_max_tokens(path: str, body: dict[str, Any], canvas: int | None) -> bool:
@@ -101,7 +106,7 @@ class DiffusionSamplingMiddleware:
         if isinstance(payload, dict):
             try:
                 changed = move_sampling_fields(payload)
-                canvas = served_canvas_length(scope.get("app"))
+                canvas = default_max_tokens(scope.get("app"))
                 changed |= fill_default_max_tokens(scope["path"], payload, canvas)
                 if changed:
                     body = json.dumps(payload).encode()
