@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from engine_steps import run_engine
 from vllm import SamplingParams
 
 from vllm_dare.core.whole_sequence_scheduler import is_cfg_twin
@@ -52,27 +53,7 @@ def _preemptions(llm) -> int:
 
 
 def _run_engine(llm, requests, abort_after=None):
-    """Add ``(prompt_ids, params)`` requests and step the engine until they finish,
-    at most MAX_ENGINE_STEPS steps (so that a livelock fails instead of hanging).
-    ``abort_after=(k, n)`` aborts request k after n steps. Returns the final
-    outputs by request index."""
-    engine = llm.llm_engine
-    ids = [f"req-{k}-{time.monotonic_ns()}" for k in range(len(requests))]
-    for rid, (prompt, params) in zip(ids, requests):
-        engine.add_request(rid, {"prompt_token_ids": prompt}, params)
-    index = {rid: k for k, rid in enumerate(ids)}
-    done = {}
-    for step in range(MAX_ENGINE_STEPS):
-        if abort_after is not None and step == abort_after[1]:
-            engine.abort_request([ids[abort_after[0]]])
-            done[abort_after[0]] = None
-        for out in engine.step():
-            if out.finished:
-                done[index[out.request_id]] = out
-        if len(done) == len(requests):
-            return done
-    pytest.fail(f"requests still unfinished after {MAX_ENGINE_STEPS} engine steps: "
-                f"{sorted(set(range(len(requests))) - set(done))}")
+    return run_engine(llm, requests, MAX_ENGINE_STEPS, abort_after)
 
 
 def test_requests_wait_for_blocks_and_match_the_reference(small_kv_engine, tiny_llada):
@@ -224,3 +205,41 @@ def test_running_requests_that_lose_their_blocks_preempt_from_the_end(
             break
     want = llada_generate(ref.logits, prompt, ref.spec.mask_token_id, 16, 16, 8)
     assert [list(o.outputs[0].token_ids) for o in outs] == [want] * 3
+
+
+def _worker_state(llm) -> dict[str, int]:
+    """Sizes of the worker's per-request bookkeeping (in-process engine)."""
+    runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+    state, sampler = runner.model_state, runner.model_state.sampler
+    return {"slots": len(state._slot_of), "prev_inputs": len(state._prev_inputs),
+            "forwards": len(state._forwards), "denoisers": len(sampler.states),
+            "req_ids": len(sampler.req_id_of_slot), "dare_settings": len(sampler.dare_settings),
+            "dare_counts": len(sampler.dare_counts), "nfe": len(sampler.forwards)}
+
+
+def test_aborted_requests_free_their_blocks_twins_and_worker_state(small_kv_engine):
+    """Aborting running requests (a guided one with its twin, and a DARE one)
+    gives every KV-cache block back and leaves no per-request state in the
+    scheduler or the worker; the engine then serves as before."""
+    llm = small_kv_engine()
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    pool = scheduler.kv_cache_manager.block_pool
+    ids = [llm.get_tokenizer().encode(p) for p in PROMPTS[:2]]
+    rids = [f"abort-{k}-{time.monotonic_ns()}" for k in range(2)]
+    engine.add_request(rids[0], {"prompt_token_ids": ids[0]}, _params(dllm_cfg_scale=1.0))
+    engine.add_request(rids[1], {"prompt_token_ids": ids[1]}, _params(dare_mode="kv+o"))
+    for _ in range(3):
+        assert not any(o.finished for o in engine.step())
+    assert len(scheduler.running) == 3  # the guided request, its twin, the DARE one
+    assert any(is_cfg_twin(r.request_id) for r in scheduler.running)
+    assert pool.get_num_free_blocks() < USABLE_BLOCKS
+    assert _worker_state(llm)["denoisers"] == 3
+    engine.abort_request(rids)
+    engine.step()  # the worker hears of the finished requests at the next step
+    assert not scheduler.requests and not scheduler.running and not scheduler._twins
+    assert pool.get_num_free_blocks() == USABLE_BLOCKS
+    assert set(_worker_state(llm).values()) == {0}, _worker_state(llm)
+    outs = _run_engine(llm, [(ids[1], _params(dare_mode="off"))])
+    assert len(outs[0].outputs[0].token_ids) == GEN
+    assert set(_worker_state(llm).values()) == {0}, _worker_state(llm)

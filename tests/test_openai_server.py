@@ -14,7 +14,7 @@ import sys
 import openai
 import pytest
 import requests
-from server_process import Server
+from vllm_dare.tools.server_load import Server
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ def test_entry_points_are_installed():
     assert general.get("dare") == "vllm_dare:register"
     platform = {e.name: e.value for e in entry_points(group="vllm.platform_plugins")}
     assert platform.get("dare_cpu_triton") == "vllm_dare.cpu_triton:enable_if_cpu_build"
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert scripts.get("vllm-dare") == "vllm_dare.entrypoints.cli:main"
 
 
 def test_register_is_idempotent_and_registers_everything():
@@ -188,6 +190,82 @@ def test_request_figures_cross_processes_through_the_channel(tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("in_process", [True, False])
+def test_failed_requests_reach_the_scheduler_once(tmp_path, monkeypatch, in_process):
+    """What the worker fails in a step, the scheduler takes after it, once, with
+    the reason: through this process's store or the engine's channel."""
+    import tempfile
+
+    from vllm_dare import request_stats
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    prefix = None if in_process else request_stats.channel(4321)
+    assert request_stats.take_failures(prefix) == {}
+    request_stats.report_failure("a", "DenoisingStateError: got 3, expected 4", prefix)
+    request_stats.report_failure("b::dllm-cfg-uncond", "ValueError: x", prefix)
+    assert request_stats.take_failures(prefix) == {
+        "a": "DenoisingStateError: got 3, expected 4", "b::dllm-cfg-uncond": "ValueError: x"}
+    assert request_stats.take_failures(prefix) == {}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_vllm_dare_serve_adds_what_diffusion_serving_needs():
+    from vllm_dare.entrypoints.cli import (
+        MIDDLEWARE,
+        with_middleware,
+        with_shutdown_timeout,
+    )
+
+    args = ["--port", "1"]
+    assert with_middleware(args) == [*args, "--middleware", MIDDLEWARE]
+    assert with_middleware(["--middleware", MIDDLEWARE]) == ["--middleware", MIDDLEWARE]
+    assert with_middleware([f"--middleware={MIDDLEWARE}"]) == [f"--middleware={MIDDLEWARE}"]
+    other = ["--middleware", "my.Middleware"]
+    assert with_middleware(other) == [*other, "--middleware", MIDDLEWARE]
+    assert with_shutdown_timeout(args) == [*args, "--shutdown-timeout", "5"]
+    assert with_shutdown_timeout(["--shutdown-timeout", "0"]) == ["--shutdown-timeout", "0"]
+    assert with_shutdown_timeout(["--shutdown-timeout=9"]) == ["--shutdown-timeout=9"]
+
+
+def test_vllm_dare_command_names_its_one_subcommand():
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "vllm-dare"
+    help_run = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert help_run.returncode == 0 and "vllm-dare serve MODEL" in help_run.stdout
+    bad = subprocess.run([str(script), "bench"], capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert "unknown command 'bench'" in bad.stderr
+
+
+def test_completions_without_max_tokens_get_the_served_canvas():
+    from types import SimpleNamespace
+
+    from vllm_dare.entrypoints.sampling_middleware import (
+        default_max_tokens,
+        fill_default_max_tokens,
+    )
+
+    def app(canvas, max_model_len):
+        config = SimpleNamespace(diffusion_config=SimpleNamespace(canvas_length=canvas),
+                                 model_config=SimpleNamespace(max_model_len=max_model_len))
+        return SimpleNamespace(state=SimpleNamespace(vllm_config=config))
+
+    assert default_max_tokens(app(256, 4096)) == 256
+    assert default_max_tokens(app(256, 128)) == 128  # vLLM refuses more than max_model_len
+    assert default_max_tokens(SimpleNamespace(state=SimpleNamespace())) is None
+    body = {"prompt": "x"}
+    assert fill_default_max_tokens("/v1/completions", body, 64) and body["max_tokens"] == 64
+    body = {"prompt": "x", "max_tokens": None}
+    assert fill_default_max_tokens("/v1/completions", body, 64) and body["max_tokens"] == 64
+    body = {"prompt": "x", "max_tokens": 8}
+    assert not fill_default_max_tokens("/v1/completions", body, 64) and body["max_tokens"] == 8
+    # chat gets the canvas from the engine's served default (max_new_tokens)
+    assert not fill_default_max_tokens("/v1/chat/completions", {"messages": []}, 64)
+    assert not fill_default_max_tokens("/v1/completions", {"prompt": "x"}, None)
+
+
 @pytest.mark.parametrize("max_mode", ["kv+o", "kv", "off"])
 @pytest.mark.parametrize("queries_per_kv", [1, 7])
 def test_dare_backend_classes_pickle_to_themselves(max_mode, queries_per_kv):
@@ -256,3 +334,23 @@ def test_dare_layer_refuses_weights_and_rope_its_kernels_cannot_read():
     assert ("partial-rope REFUSED: the DARE backend supports full-head rotate-half RoPE "
             "only, got RotaryEmbedding over 32 of 64 dimensions") in out, out
     assert "quantized REFUSED: the DARE backend needs unquantized attention weights" in out, out
+
+
+def test_only_a_requested_shutdown_hides_vllms_engine_dead_report():
+    import logging
+
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from vllm_dare.vllm_compat import ShutdownEngineDeadFilter
+
+    def record(message, exc=None):
+        exc_info = (type(exc), exc, None) if exc else None
+        return logging.LogRecord("vllm", logging.ERROR, __file__, 1, message, None, exc_info)
+
+    dead = EngineDeadError()
+    f = ShutdownEngineDeadFilter()
+    assert f.filter(record("AsyncLLM output_handler failed.", dead))  # while serving: kept
+    assert f.filter(record("[shutdown] API server: shutdown triggered"))
+    assert not f.filter(record("AsyncLLM output_handler failed.", dead))
+    assert f.filter(record("AsyncLLM output_handler failed.", ValueError("real")))
+    assert f.filter(record("anything else"))

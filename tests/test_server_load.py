@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import requests
-from server_process import Server
+from vllm_dare.tools.server_load import Server
 
 from vllm_dare.default_model import default_model_path
 from vllm_dare.tools import server_load

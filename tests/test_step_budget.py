@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from engine_steps import run_engine
 from vllm import SamplingParams
 
 from vllm_dare.reference import llada_generate, load_reference_model
@@ -30,20 +31,7 @@ def budget_engine(engines, tiny_llada):
 
 
 def _run(llm, requests):
-    engine = llm.llm_engine
-    ids = [f"budget-{k}-{time.monotonic_ns()}" for k in range(len(requests))]
-    for rid, (prompt, params) in zip(ids, requests):
-        engine.add_request(rid, {"prompt_token_ids": prompt}, params)
-    index = {rid: k for k, rid in enumerate(ids)}
-    done = {}
-    for _ in range(MAX_ENGINE_STEPS):
-        for out in engine.step():
-            if out.finished:
-                done[index[out.request_id]] = out
-        if len(done) == len(requests):
-            return done
-    pytest.fail(f"unfinished after {MAX_ENGINE_STEPS} steps: "
-                f"{sorted(set(range(len(requests))) - set(done))}")
+    return run_engine(llm, requests, MAX_ENGINE_STEPS, tag="budget")
 
 
 def _params(gen, steps, block, **extra):
