@@ -7,6 +7,7 @@ Everything vLLM's default state does, plus what a masked diffusion model needs:
   the canvas (``num_new_sampled_tokens_per_step = 0``);
 * Dream's one-position logit shift: the canvas logits are read from the hidden
   states one position earlier (``logits_position_offset`` of the model class);
+* freed host memory handed back to the OS as requests finish (``heap_trim``);
 * with the DARE backend, the step's per-token reuse inputs (thresholds of each
   request, and the tokens that must be recomputed: a request's first forwards,
   refresh steps, tokens whose input id changed since the previous step).
@@ -25,6 +26,7 @@ from vllm.v1.worker.gpu.attn_utils import build_attn_metadata
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
 from vllm_dare import request_stats
+from vllm_dare.heap_trim import HeapTrimmer
 from vllm_dare.attention_backends.dare_layer_step import DareStepInputs
 from vllm_dare.model_executor.denoising.params import DenoisingDefaults
 from vllm_dare.model_executor.denoising.sampler import CfgTwin, DenoisingSampler
@@ -54,6 +56,7 @@ class DenoisingModelState(DefaultModelState):
         # DARE bookkeeping per slot: input ids of the previous forward, forwards run.
         self._prev_inputs: dict[int, torch.Tensor] = {}
         self._forwards: dict[int, int] = {}
+        self.heap_trimmer = HeapTrimmer()
 
     def get_supported_generation_tasks(self):
         return ("generate",)
@@ -80,6 +83,7 @@ class DenoisingModelState(DefaultModelState):
             self._forwards.pop(slot, None)
             if self.sampler is not None:
                 self.sampler.remove_request(slot)
+        self.heap_trimmer.requests_finished()
 
     def prepare_inputs(self, input_batch, req_states) -> dict[str, Any]:
         inputs = super().prepare_inputs(input_batch, req_states)
