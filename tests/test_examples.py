@@ -10,12 +10,14 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def _run(name: str, timeout: int = 600) -> str:
+def _run(name: str, alarming=("Traceback", "nanobind", "leaked"), timeout: int = 600) -> str:
     env = dict(os.environ)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # as a user runs it
     proc = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True,
                           text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for text in alarming:
+        assert text not in proc.stdout + proc.stderr, text
     return proc.stdout
 
 
@@ -31,7 +33,8 @@ def test_batch_generate_answers_every_task(engines):
 
 def test_serve_and_query_answers_streams_and_refuses(engines):
     engines.close()
-    out = _run("serve_and_query.py")
+    out = _run("serve_and_query.py",
+               alarming=("Traceback", "nanobind", "leaked", "force killing", "ERROR"))
     for task in ("add", "sort", "words"):
         for mode in ("off", "kv+o"):
             line = next(x for x in out.splitlines()

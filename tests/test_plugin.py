@@ -222,7 +222,7 @@ def test_vllm_dare_serve_adds_what_diffusion_serving_needs():
     assert with_middleware([f"--middleware={MIDDLEWARE}"]) == [f"--middleware={MIDDLEWARE}"]
     other = ["--middleware", "my.Middleware"]
     assert with_middleware(other) == [*other, "--middleware", MIDDLEWARE]
-    assert with_shutdown_timeout(args) == [*args, "--shutdown-timeout", "5"]
+    assert with_shutdown_timeout(args) == [*args, "--shutdown-timeout", "15"]
     assert with_shutdown_timeout(["--shutdown-timeout", "0"]) == ["--shutdown-timeout", "0"]
     assert with_shutdown_timeout(["--shutdown-timeout=9"]) == ["--shutdown-timeout=9"]
 

@@ -95,5 +95,6 @@ def test_shutdown_is_quiet(server):
     assert server.stop() == 0
     log = server.log()
     tail = log[log.index("shutdown triggered"):]
-    for alarming in ("Traceback", "ERROR", "EngineDeadError", "nanobind", "leaked"):
+    for alarming in ("Traceback", "ERROR", "EngineDeadError", "nanobind", "leaked",
+                     "force killing"):
         assert alarming not in tail, tail[-3000:]

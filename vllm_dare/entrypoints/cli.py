@@ -13,8 +13,8 @@ what a diffusion server needs and plain ``vllm serve`` cannot give it:
 * Prometheus multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, a new temporary
   directory removed at exit, unless one is set), so the counters the engine
   process records (DARE's reuse counters) reach ``/metrics``;
-* a graceful shutdown: ``--shutdown-timeout 5`` unless set (in-flight requests
-  get up to 5 s, then are aborted; vLLM's default 0 kills the engine processes
+* a graceful shutdown: ``--shutdown-timeout 15`` unless set (in-flight requests
+  get up to 15 s, then are aborted; vLLM's default 0 kills the engine processes
   at once);
 * on vLLM's CPU build, a KV-cache size (``VLLM_CPU_KVCACHE_SPACE``, GiB) when none
   is set: without one vLLM's start-up memory check fails on small machines.
@@ -43,8 +43,9 @@ MIDDLEWARE = "vllm_dare.entrypoints.sampling_middleware.DiffusionSamplingMiddlew
 CPU_KV_CACHE_GIB = "4"
 # vLLM's default (0) kills the engine processes at once on SIGINT/SIGTERM, which
 # leaves their shared memory and semaphores for Python's resource tracker to
-# report; a few seconds let them finish a step and exit on their own.
-SHUTDOWN_TIMEOUT_S = "5"
+# report; 15 s let them finish a step and exit on their own (their teardown takes
+# 3-5 s on 2 cores).
+SHUTDOWN_TIMEOUT_S = "15"
 
 
 def with_shutdown_timeout(argv: list[str]) -> list[str]:
