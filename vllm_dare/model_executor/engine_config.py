@@ -133,6 +133,7 @@ class DenoisingEngineConfig(VerifyAndUpdateConfig):
             canvas_length=int(canvas_length),
             generation_config=generation_config,
             dare=dare,
+            cache=cls._cache_defaults(vllm_config),
         )
         hf_config.denoising_defaults = defaults.encode()
         for key in _VLLM_SAMPLING_KEYS:
@@ -169,6 +170,18 @@ class DenoisingEngineConfig(VerifyAndUpdateConfig):
                 "provides (see docs/cpu.md)"
             )
 
+
+    @staticmethod
+    def _cache_defaults(vllm_config) -> dict:
+        """The engine's default cache policy and its parameters: the ``dllm_cache``,
+        ``dllm_cache_refresh`` and ``dllm_cache_window`` keys of
+        ``--additional-config`` (checked with the other defaults)."""
+        from vllm_dare.model_executor.denoising.params import CACHE_KEYS
+
+        additional = vllm_config.additional_config
+        if not isinstance(additional, dict):
+            return {}
+        return {key: additional[key] for key in CACHE_KEYS if key in additional}
 
     @staticmethod
     def _dare_settings(vllm_config) -> dict | None:

@@ -161,8 +161,9 @@ class ReferenceDLLM:
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
 
-    def _attention(self, x: torch.Tensor, layer: dict, cos, sin) -> torch.Tensor:
-        """Bidirectional self-attention of ``x [..., T, hidden]``."""
+    def _qkv(self, x: torch.Tensor, layer: dict, cos, sin):
+        """Query, key and value of ``x [..., T, hidden]`` after RoPE, heads first:
+        ``[..., heads, T, head_dim]``."""
         s = self.spec
         *lead, T, _ = x.shape
         q = x @ layer["q"].T
@@ -184,6 +185,12 @@ class ReferenceDLLM:
             c, sn = cos.to(q.dtype), sin.to(q.dtype)
             q = q * c + rotate_half(q) * sn
             k = k * c + rotate_half(k) * sn
+        return q, k, v
+
+    def _attend(self, q, k, v, layer: dict) -> torch.Tensor:
+        """Every query of ``q`` over all of ``k``/``v`` (no mask), then ``o``."""
+        s = self.spec
+        *lead, _, T, _ = q.shape
         group = s.num_heads // s.num_kv_heads
         k = k.repeat_interleave(group, dim=-3)
         v = v.repeat_interleave(group, dim=-3)
@@ -191,6 +198,16 @@ class ReferenceDLLM:
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         out = (probs @ v).transpose(-2, -3).reshape(*lead, T, s.num_heads * s.head_dim)
         return out @ layer["o"].T
+
+    def _attention(self, x: torch.Tensor, layer: dict, cos, sin) -> torch.Tensor:
+        """Bidirectional self-attention of ``x [..., T, hidden]``."""
+        return self._attend(*self._qkv(x, layer, cos, sin), layer)
+
+    def _mlp(self, x: torch.Tensor, layer: dict) -> torch.Tensor:
+        h = rms_norm(x, layer["mlp_norm"], self.spec.rms_norm_eps)
+        gate = h @ layer["gate"].T
+        up = h @ layer["up"].T
+        return x + (torch.nn.functional.silu(gate) * up) @ layer["down"].T
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states: ``[..., T] -> [..., T, hidden]``."""
@@ -200,12 +217,41 @@ class ReferenceDLLM:
         x = self.embed[input_ids]
         for layer in self.layers:
             h = rms_norm(x, layer["attn_norm"], s.rms_norm_eps)
-            x = x + self._attention(h, layer, cos, sin)
-            h = rms_norm(x, layer["mlp_norm"], s.rms_norm_eps)
-            gate = h @ layer["gate"].T
-            up = h @ layer["up"].T
-            x = x + (torch.nn.functional.silu(gate) * up) @ layer["down"].T
+            x = self._mlp(x + self._attention(h, layer, cos, sin), layer)
         return rms_norm(x, self.final_norm, s.rms_norm_eps)
+
+    def new_kv_cache(self, length: int) -> list[list[torch.Tensor]]:
+        """Per layer ``[K, V]`` of a ``length``-token sequence, ``[kv_heads, length,
+        head_dim]`` each (K after RoPE), for ``cached_hidden_states``."""
+        s = self.spec
+        shape = (s.num_kv_heads, length, s.head_dim)
+        return [[torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)]
+                for _ in range(s.num_layers)]
+
+    @torch.no_grad()
+    def cached_hidden_states(self, input_ids: torch.Tensor, fed: torch.Tensor,
+                             kv_cache: list[list[torch.Tensor]],
+                             attend: int | None = None) -> torch.Tensor:
+        """A forward that feeds only the positions ``fed`` of the sequence
+        ``input_ids [T]``: their K/V are computed and written into ``kv_cache``,
+        and they attend to the cache's keys at ``0 .. attend - 1`` (default all),
+        where positions not fed keep what earlier forwards wrote. Returns the
+        final-norm hidden states of the fed positions ``[len(fed), hidden]``."""
+        s = self.spec
+        attend = input_ids.shape[-1] if attend is None else attend
+        cos, sin = rope_tables(fed, s.head_dim, s.rope_theta)
+        x = self.embed[input_ids[fed]]
+        for layer, (K, V) in zip(self.layers, kv_cache):
+            h = rms_norm(x, layer["attn_norm"], s.rms_norm_eps)
+            q, k, v = self._qkv(h, layer, cos, sin)
+            K[:, fed] = k
+            V[:, fed] = v
+            x = self._mlp(x + self._attend(q, K[:, :attend], V[:, :attend], layer), layer)
+        return rms_norm(x, self.final_norm, s.rms_norm_eps)
+
+    def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits of hidden rows, in fp32."""
+        return (hidden @ self.lm_head.T).float()
 
     def forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[..., T] -> [..., T, vocab]`` as generation reads them (Dream's

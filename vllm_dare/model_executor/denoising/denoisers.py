@@ -1,8 +1,9 @@
 """Per-request denoising state machines: the official LLaDA and Dream steps.
 
 A denoiser holds one request's canvas (its generated region, ``max_tokens``
-positions, initially all [MASK]) and, given the canvas logits of a full forward
-pass, performs exactly one step of the reference algorithm
+positions, initially all [MASK]) and, given the logits of the canvas positions
+its next step may unmask (``logit_positions``), performs exactly one step of the
+reference algorithm
 (``shared/spec/dllm-models.md`` section 4). Steps that provably change nothing
 (a LLaDA step that transfers 0 tokens, a Dream step whose transfer count
 truncates to 0) are skipped without a forward pass; the output is unchanged.
@@ -34,17 +35,34 @@ class Denoiser:
         # for algorithms that do not rank (Dream's ``origin``).
         self.last_confidence: torch.Tensor | None = None
 
-    def step(self, logits: torch.Tensor) -> bool:
-        """Apply one step given ``logits [gen_length, vocab]``; True when done."""
+    def step(self, logits: torch.Tensor, positions: torch.Tensor | None = None) -> bool:
+        """Apply one step given the logits ``[n, vocab]`` of canvas ``positions``
+        (int64 [n], ascending; None: the whole canvas). The positions must include
+        every one ``logit_positions()`` names. True when done."""
         self.steps_run += 1
-        return self._step(logits)
+        if positions is None:
+            positions = torch.arange(self.gen_length, device=logits.device)
+        return self._step(logits, positions)
 
-    def _step(self, logits: torch.Tensor) -> bool:
+    def _step(self, logits: torch.Tensor, positions: torch.Tensor) -> bool:
         raise NotImplementedError
 
     def at_block_start(self) -> bool:
         """True when the next step is the first of a (semi-autoregressive) block."""
         return self.next_step == 0
+
+    def block_range(self) -> tuple[int, int]:
+        """Canvas range ``[start, end)`` of the next step's block (the whole canvas
+        for algorithms without blocks)."""
+        return 0, self.gen_length
+
+    def step_in_block(self) -> int:
+        return self.next_step
+
+    def logit_positions(self) -> torch.Tensor:
+        """int64, ascending: the canvas positions whose logits the next step reads
+        (those it may unmask)."""
+        return self.eligible().nonzero().squeeze(-1)
 
     def eligible(self) -> torch.Tensor:
         """bool [gen_length]: the canvas positions the next step may unmask (every
@@ -86,6 +104,13 @@ class LLaDADenoiser(Denoiser):
     def at_block_start(self) -> bool:
         return self.next_step % self.params.steps_per_block == 0
 
+    def block_range(self) -> tuple[int, int]:
+        block = self.next_step // self.params.steps_per_block
+        return block * self.params.block_length, (block + 1) * self.params.block_length
+
+    def step_in_block(self) -> int:
+        return self.next_step % self.params.steps_per_block
+
     def eligible(self) -> torch.Tensor:
         p = self.params
         block = self.next_step // p.steps_per_block
@@ -94,22 +119,28 @@ class LLaDADenoiser(Denoiser):
         masked[(block + 1) * p.block_length :] = False
         return masked
 
-    def _step(self, logits: torch.Tensor) -> bool:
+    def _step(self, logits: torch.Tensor, positions: torch.Tensor) -> bool:
         p = self.params
         block = self.next_step // p.steps_per_block
         k = self._count(self.next_step)
         masked = self.canvas == self.mask_token_id
         if p.temperature > 0:
-            # Gumbel-max in float64: argmax(exp(l) / (-log u) ** T).
+            # Gumbel-max in float64: argmax(exp(l) / (-log u) ** T). The noise is
+            # drawn for the whole canvas, as the reference does, so a seed gives
+            # the same tokens whatever rows have logits.
             l64 = logits.double()
-            u = torch.rand(l64.shape, dtype=l64.dtype, device=l64.device,
-                           generator=self.generator)
-            tokens = (l64.exp() / (-torch.log(u)) ** p.temperature).argmax(dim=-1)
+            u = torch.rand((self.gen_length, l64.shape[-1]), dtype=l64.dtype,
+                           device=l64.device, generator=self.generator)[positions]
+            row_tokens = (l64.exp() / (-torch.log(u)) ** p.temperature).argmax(dim=-1)
         else:
-            tokens = logits.argmax(dim=-1)
+            row_tokens = logits.argmax(dim=-1)
+        tokens = self.canvas.clone()
+        tokens[positions] = row_tokens
         if p.remasking == "low_confidence":
             probs = torch.softmax(logits.double(), dim=-1)
-            confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
+            confidence = torch.full((self.gen_length,), float("-inf"), dtype=torch.float64,
+                                    device=logits.device)
+            confidence[positions] = probs.gather(-1, row_tokens[:, None]).squeeze(-1)
         else:
             confidence = torch.rand(self.gen_length, dtype=torch.float64, device=logits.device,
                                     generator=self.generator)
@@ -177,13 +208,14 @@ class DreamDenoiser(Denoiser):
             confidence = (probs * torch.log(probs + 1e-10)).sum(dim=-1)
         return confidence, tokens
 
-    def _step(self, logits: torch.Tensor) -> bool:
+    def _step(self, logits: torch.Tensor, rows: torch.Tensor) -> bool:
         p = self.params
         i = self.next_step
         masked = self.canvas == self.mask_token_id
         positions = masked.nonzero().squeeze(-1)
         num_masked = positions.numel()
-        masked_logits = logits[positions]
+        # The rows of the masked positions (every masked one has a row).
+        masked_logits = logits[torch.searchsorted(rows, positions)]
         if p.alg == "origin":
             if i < p.steps - 1:
                 reveal_prob = float(1 - self.timesteps[i + 1] / self.timesteps[i])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 LLADA = "llada"
@@ -41,7 +41,13 @@ REQUEST_KEYS: dict[str, tuple[str, ...]] = {
     "dllm_top_p": (DREAM,),
     "dllm_top_k": (DREAM,),
     "dllm_seed": (LLADA, DREAM),
+    # Cache policy (``vllm_dare.cache_policies``) and its parameters.
+    "dllm_cache": (LLADA, DREAM),
+    "dllm_cache_refresh": (LLADA, DREAM),
+    "dllm_cache_window": (LLADA, DREAM),
 }
+# Engine defaults of the cache knobs (``--additional-config``).
+CACHE_KEYS = ("dllm_cache", "dllm_cache_refresh", "dllm_cache_window")
 
 # generation_config.json keys read as served defaults, per family.
 GENERATION_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
@@ -74,6 +80,10 @@ class DenoisingDefaults:
     top_k: int | None = None
     # Engine DARE settings (a DareSettings dict) when served with the DARE backend.
     dare: dict | None = None
+    # Engine cache policy and its parameters (``dllm_cache*`` in --additional-config).
+    cache: str = "none"
+    cache_refresh: int | None = None
+    cache_window: int | None = None
 
     @classmethod
     def from_generation_config(
@@ -83,6 +93,7 @@ class DenoisingDefaults:
         canvas_length: int,
         generation_config: dict[str, Any],
         dare: dict | None = None,
+        cache: dict | None = None,
     ) -> DenoisingDefaults:
         values = {
             key: generation_config[key]
@@ -94,6 +105,7 @@ class DenoisingDefaults:
             mask_token_id=mask_token_id,
             canvas_length=canvas_length,
             dare=dare,
+            **{key.removeprefix("dllm_"): value for key, value in (cache or {}).items()},
             **values,
         )
         defaults.check()
@@ -117,7 +129,15 @@ class DenoisingDefaults:
             if not (0.0 < self.eps < 1.0):
                 raise ValueError(f"generation config eps must be in (0, 1), got {self.eps}")
         probe["dllm_temperature"] = self.temperature
+        probe["dllm_cache"] = self.cache
+        if self.cache_refresh is not None:
+            probe["dllm_cache_refresh"] = self.cache_refresh
+        if self.cache_window is not None:
+            probe["dllm_cache_window"] = self.cache_window
         _parse_knobs(probe, self.family)
+        from vllm_dare.cache_policies import check_choice
+
+        check_choice(self.cache, self.family, self.cache_refresh, self.cache_window)
 
     # The frontend validator is named after its defaults so that every process
     # (API server, engine core) can rebuild it from the name alone.
@@ -152,6 +172,10 @@ class DenoisingParams:
     # Seed of the request's own random generator (temperature > 0, random
     # remasking, Dream's origin / alg_temp); None uses the engine's generator.
     seed: int | None = None
+    # Cache policy (``vllm_dare.cache_policies``): name and parameters.
+    cache: str = "none"
+    cache_refresh: int | None = None
+    cache_window: int | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -201,6 +225,10 @@ def _parse_knobs(extra: dict[str, Any], family: str) -> dict[str, Any]:
 
     positive_int("dllm_steps")
     positive_int("dllm_block_length")
+    positive_int("dllm_cache_refresh")
+    positive_int("dllm_cache_window")
+    if "dllm_cache" in knobs and not isinstance(knobs["dllm_cache"], str):
+        raise ValueError(f"dllm_cache must be a string, got {knobs['dllm_cache']!r}")
     non_negative("dllm_temperature")
     non_negative("dllm_cfg_scale")
     non_negative("dllm_alg_temp", allow_none=True)
@@ -264,7 +292,7 @@ def resolve_params(
                 f"{num_blocks} (max_tokens / block length)"
             )
         cfg_scale = float(knobs.get("dllm_cfg_scale", defaults.cfg_scale))
-        return DenoisingParams(
+        return _with_cache(knobs, defaults, DenoisingParams(
             family=LLADA,
             gen_length=gen_length,
             steps=steps,
@@ -273,10 +301,10 @@ def resolve_params(
             remasking=knobs.get("dllm_remasking", defaults.remasking),
             cfg_scale=cfg_scale,
             seed=knobs.get("dllm_seed"),
-        )
+        ))
 
     alg_temp = knobs.get("dllm_alg_temp", defaults.alg_temp)
-    return DenoisingParams(
+    return _with_cache(knobs, defaults, DenoisingParams(
         family=DREAM,
         gen_length=gen_length,
         steps=steps,
@@ -287,4 +315,26 @@ def resolve_params(
         top_p=knobs.get("dllm_top_p", defaults.top_p),
         top_k=knobs.get("dllm_top_k", defaults.top_k),
         seed=knobs.get("dllm_seed"),
+    ))
+
+
+def _with_cache(knobs: dict[str, Any], defaults: DenoisingDefaults,
+                params: DenoisingParams) -> DenoisingParams:
+    """``params`` with the request's cache policy, checked by the policy."""
+    from vllm_dare.cache_policies import check_params
+
+    name = knobs.get("dllm_cache", defaults.cache)
+    if "dllm_cache" in knobs and name != defaults.cache:
+        # A request that picks another policy does not inherit the engine
+        # default's parameters.
+        refresh, window = None, None
+    else:
+        refresh, window = defaults.cache_refresh, defaults.cache_window
+    params = replace(
+        params,
+        cache=name,
+        cache_refresh=knobs.get("dllm_cache_refresh", refresh),
+        cache_window=knobs.get("dllm_cache_window", window),
     )
+    check_params(params)
+    return params

@@ -1,9 +1,10 @@
 """The diffusion sampler: one denoising step of every request in the batch.
 
-vLLM's Model Runner V2 hands the sampler the logits of each request's canvas
-(its ``max_tokens`` masked/unmasked positions; for Dream already shifted by one).
-Each request owns a denoiser that applies its generation algorithm's step, exactly
-as the reference code does, and writes the new canvas into vLLM's draft-token
+vLLM's Model Runner V2 hands the sampler the logits the step plan asked for: per
+request, those of the canvas positions its denoiser may unmask this step (for
+Dream read one position earlier; ``cache_policies/step_plan.py``). Each request
+owns a denoiser that applies its generation algorithm's step, exactly as the
+reference code does, and writes the new canvas into vLLM's draft-token
 buffer for the next step. On its last step the request emits the whole canvas as
 its output tokens (vLLM then stops at the first EOS).
 
@@ -33,6 +34,8 @@ from vllm.logger import init_logger
 from vllm_dare import request_stats
 from vllm_dare.attention_backends import dare_stats
 from vllm_dare.attention_backends.dare_settings import DareSettings
+from vllm_dare.cache_policies import CachePolicy, make_policy
+from vllm_dare.cache_policies import work_counters
 from vllm_dare.model_executor.denoising.denoisers import Denoiser, make_denoiser
 from vllm_dare.model_executor.denoising.params import (
     CFG_TWIN_OWNER_KEY,
@@ -74,6 +77,14 @@ class DenoisingSampler:
         self.defaults = defaults
         self.device = device
         self.states: dict[int, Denoiser | CfgTwin] = {}
+        # Cache policy per slot; the ModelState asks it for each forward's plan
+        # (``step_plan``), and records why a request's plan could not be made.
+        self.policies: dict[int, CachePolicy] = {}
+        self.step_plan = None
+        self.plan_failures: dict[int, Exception] = {}
+        self.num_layers = 0  # set by the ModelState
+        # Token-layer rows the forwards computed for each slot's request.
+        self.computed_rows: dict[int, int] = {}
         # DARE (only with the DARE backend): settings and reuse counters per slot.
         self.dare_settings: dict[int, DareSettings] = {}
         self.dare_counts: dict[int, np.ndarray] = {}
@@ -104,6 +115,7 @@ class DenoisingSampler:
         denoiser = make_denoiser(params, self.defaults.mask_token_id, self.device)
         owner = extra.get(CFG_TWIN_OWNER_KEY)
         self.states[req_idx] = denoiser if owner is None else CfgTwin(owner, denoiser.canvas)
+        self.policies[req_idx] = make_policy(params)
         dare = request_dare_settings(extra, self.defaults)
         if dare is not None:
             self.dare_settings[req_idx] = dare
@@ -115,6 +127,9 @@ class DenoisingSampler:
         self.dare_settings.pop(req_idx, None)
         self.dare_counts.pop(req_idx, None)
         self.forwards.pop(req_idx, None)
+        self.policies.pop(req_idx, None)
+        self.plan_failures.pop(req_idx, None)
+        self.computed_rows.pop(req_idx, None)
 
     def _fail(self, req_id: str, slot: int, exc: Exception) -> None:
         """End one request (the scheduler finishes it with finish_reason
@@ -124,6 +139,7 @@ class DenoisingSampler:
                      "finish_reason=error: %s", req_id, reason,
                      exc_info=not isinstance(exc, DenoisingStateError))
         self.states.pop(slot, None)
+        self.policies.pop(slot, None)
         if self.publish_stats:
             request_stats.report_failure(req_id, reason, self.stats_channel)
 
@@ -144,9 +160,28 @@ class DenoisingSampler:
         num_rejected = np.zeros(num_reqs, dtype=np.int32)
         sampled = self._sampled[:num_reqs]
         drafts = self.req_states.draft_tokens
+        plan, self.step_plan = self.step_plan, None
+        if plan is not None and len(plan.logit_start) != num_reqs + 1:
+            plan = None  # not this batch's (a dummy run)
+        if plan is not None:
+            # Work of this forward, per request and for the engine's counters.
+            fed = plan.fed_per_request * self.num_layers
+            for i in range(num_reqs):
+                slot = int(slots[i])
+                if slot in self.states:
+                    self.computed_rows[slot] = self.computed_rows.get(slot, 0) + int(fed[i])
+            if self.publish_stats:
+                work_counters.record_forward(int(query_lens.sum()) * self.num_layers,
+                                             int(fed.sum()), self.model_name)
 
-        def rows(i: int) -> torch.Tensor:
-            return logits[int(row_start[i]) : int(row_start[i]) + int(num_logits[i])]
+        def rows(i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """Request i's logits rows and their canvas positions."""
+            if plan is None:
+                start, n = int(row_start[i]), int(num_logits[i])
+                return logits[start : start + n], None
+            a, b = int(plan.logit_start[i]), int(plan.logit_start[i + 1])
+            positions = torch.from_numpy(plan.logit_positions[i]).to(logits.device)
+            return logits[a:b], positions
 
         if self.dare_runtime is not None and self.dare_runtime.num_reqs == num_reqs:
             step_counts = self.dare_runtime.request_counts.cpu().numpy()
@@ -174,6 +209,7 @@ class DenoisingSampler:
             state = self.states[slot]
             request_stats.put(req_id, "dllm", {
                 "forwards": self.forwards.get(slot, 0),
+                "computed_rows": self.computed_rows.get(slot, 0),
                 "denoising_steps": getattr(state, "steps_run", 0),
                 "gen_length": int(canvas.shape[0]),
             }, self.stats_channel)
@@ -186,6 +222,9 @@ class DenoisingSampler:
 
         def step_request(i: int, slot: int, state) -> None:
             self.forwards[slot] = self.forwards.get(slot, 0) + 1
+            failure = self.plan_failures.pop(slot, None)
+            if failure is not None:
+                raise DenoisingStateError(f"its cache policy failed: {failure!r}")
             # Everything computed this step is thrown away again: the next step
             # recomputes the whole sequence.
             computed_before = int(input_batch.num_computed_tokens_np[i])
@@ -206,7 +245,7 @@ class DenoisingSampler:
             if isinstance(state, CfgTwin):
                 return  # stepped together with its owner
 
-            step_logits = rows(i)
+            step_logits, positions = rows(i)
             twin_i = twin_slot = None
             if state.params.cfg_scale > 0:
                 twin_i = batch_index.get(self.req_id_of_slot[slot] + CFG_TWIN_SUFFIX)
@@ -222,10 +261,13 @@ class DenoisingSampler:
                     if twin_slot is not None:
                         drafts[twin_slot, :n] = state.canvas
                     return
-                uncond = rows(twin_i)
+                uncond, twin_positions = rows(twin_i)
+                if twin_positions is not None and not torch.equal(twin_positions, positions):
+                    raise DenoisingStateError("its guidance twin's logits are of other "
+                                              "canvas positions")
                 step_logits = uncond + (state.params.cfg_scale + 1) * (step_logits - uncond)
 
-            if state.step(step_logits):
+            if state.step(step_logits, positions):
                 emit(i, state.canvas)
                 if twin_i is not None:
                     emit(twin_i, state.canvas)

@@ -12,6 +12,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.utils import maybe_prefix
 
 from vllm_dare.attention_backends.dare_layer_step import DareRuntime
+from vllm_dare.vllm_compat import feed_slot_mappings
 from vllm_dare.attention_backends.dare_settings import DareSettings
 from vllm_dare.model_executor.denoising.model_state import DenoisingModelState
 
@@ -62,8 +63,13 @@ class DenoisingLM(nn.Module):
         positions: torch.Tensor,
         intermediate_tensors=None,
         inputs_embeds: torch.Tensor | None = None,
+        fed_tokens: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        """``fed_tokens``: set when the step plan feeds part of the scheduled
+        tokens; ``input_ids`` and ``positions`` are then already those tokens'."""
+        if fed_tokens is not None:
+            feed_slot_mappings(fed_tokens)
         return self.model(input_ids, positions, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

@@ -1,0 +1,84 @@
+"""The interface every cache policy implements, and what it returns per forward.
+
+A cache policy decides, for one request and one forward, which positions of the
+request's sequence (prompt + canvas) the forward *feeds* through the model, and
+how far the fed tokens' attention reaches (``attend``: keys at positions
+``0 .. attend - 1``). Positions that are not fed keep the K/V their last forward
+wrote into vLLM's paged KV cache and are read from there; they get no embedding,
+no projection, no attention row, no MLP and no LM-head row. Logits are computed
+only for the canvas positions the request's denoiser may unmask in this forward.
+
+Exact mode is the policy that feeds every position and attends to all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from vllm_dare.model_executor.denoising.params import DenoisingParams
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """One request's part of one forward.
+
+    ``fed``: sorted positions (0-based, within prompt + canvas) the forward feeds;
+    None means all of them. ``attend``: the fed tokens attend to the keys at
+    positions ``0 .. attend - 1`` (fed tokens' own keys included); None means the
+    whole sequence.
+    """
+
+    fed: np.ndarray | None = None
+    attend: int | None = None
+
+    @staticmethod
+    def span(start: int, end: int, attend: int | None = None) -> ForwardPlan:
+        return ForwardPlan(np.arange(start, end, dtype=np.int64), attend)
+
+
+FEED_ALL = ForwardPlan()
+
+
+@dataclass(frozen=True)
+class DenoisingView:
+    """What a policy may read about its request before a forward.
+
+    It describes the request's denoising state (for a guidance twin, its owner's:
+    the twin's logits steer the owner's step). ``block`` is the
+    ``(start, end)`` canvas range the next step may unmask (the whole canvas for
+    algorithms without blocks); ``block_start`` is True when that step is the
+    first of its block, ``step_in_block`` counts the block's steps before it.
+    """
+
+    prompt_len: int
+    gen_length: int
+    block: tuple[int, int]
+    block_start: bool
+    step_in_block: int
+
+
+class CachePolicy:
+    """One method. Subclasses set ``name`` (the ``dllm_cache`` value) and
+    ``families``, validate a request's parameters in ``check`` and return a
+    ``ForwardPlan`` per forward from ``plan``. One instance per request (it may
+    keep per-request state between forwards); ``plan`` is called once per
+    denoising forward, in order."""
+
+    name: ClassVar[str]
+    families: ClassVar[tuple[str, ...]] = ("llada", "dream")
+    # Whether the policy reads dllm_cache_refresh / dllm_cache_window.
+    uses_refresh: ClassVar[bool] = False
+    uses_window: ClassVar[bool] = False
+
+    def __init__(self, params: DenoisingParams):
+        self.params = params
+
+    @classmethod
+    def check(cls, params: DenoisingParams) -> None:
+        """Raise ValueError when the request cannot use this policy."""
+
+    def plan(self, view: DenoisingView) -> ForwardPlan:
+        raise NotImplementedError
