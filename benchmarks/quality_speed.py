@@ -3,7 +3,8 @@
 Runs the project's task set (``vllm_dare.training.tasks``, held-out split) through
 the vLLM engine once per mode and reports, per mode: task accuracy, token agreement
 with exact mode, denoising forward passes per request (NFE), tokens per forward,
-DARE reuse fractions, wall time and its ratio to exact mode measured in this run.
+token-layer rows computed relative to exact mode, DARE reuse fractions, wall time
+and its ratio to exact mode measured in this run.
 Writes JSON plus two plots: accuracy vs. speed-up per mode, and a per-layer x
 per-forward reuse heat map for one DARE mode.
 
@@ -16,6 +17,9 @@ Modes (``--modes``):
   ``dare-...:TAU,candidates`` also recomputes the positions the step may unmask
   (``dare_recompute_candidates``); ``candidates=N`` only the N of them the previous
   step ranked most confident (``dare_candidate_limit``)
+* ``MODE@CACHE``          -- any of the above with the request's cache policy
+  ``dllm_cache`` = CACHE (``prefix``, ``dual``, ...; ``vllm_dare.cache_policies``),
+  e.g. ``exact@dual``, ``dare-kv+o:0.05@dual``
 
 Exact-mode engines and the DARE engine are built one after the other in this process.
 Every task's prompts go into one ``generate`` call, all requests admitted together
@@ -50,6 +54,7 @@ DEFAULT_MODES = [
     "dare-kv:0.02", "dare-kv:0.05", "dare-kv:0.1",
     "dare-o:0.02", "dare-o:0.05", "dare-o:0.1",
     "dare-kv+o:0.02", "dare-kv+o:0.05", "dare-kv+o:0.1", "dare-kv+o:0.2",
+    "exact@prefix", "exact@dual", "dare-kv+o:0.05@dual",
 ]
 
 
@@ -62,7 +67,18 @@ class Mode:
 
 
 def parse_mode(text: str) -> Mode:
-    """``exact``, ``exact:steps/K``, ``dare-{kv,o,kv+o}:TAU[,candidates[=N]]``."""
+    """``exact``, ``exact:steps/K``, ``dare-{kv,o,kv+o}:TAU[,candidates[=N]]``, each
+    optionally followed by ``@CACHE`` (a cache policy)."""
+    if "@" in text:
+        from vllm_dare.cache_policies import policies
+
+        base, cache = text.rsplit("@", 1)
+        if cache not in policies() or cache == "none":
+            raise ValueError(f"unknown cache policy {cache!r} in mode {text!r} "
+                             f"({', '.join(c for c in policies() if c != 'none')})")
+        mode = parse_mode(base)
+        return Mode(text, mode.engine, mode.steps_divisor,
+                    {**mode.extra_args, "dllm_cache": cache})
     if text == "exact":
         return Mode(text, "exact")
     if text.startswith("exact:steps/"):
@@ -96,7 +112,7 @@ def parse_mode(text: str) -> Mode:
         return Mode(text, "dare", extra_args=extra_args)
     raise ValueError(
         f"unknown mode {text!r}: use exact, exact:steps/K or "
-        f"dare-{{kv,o,kv+o}}:TAU[,candidates[=N]]"
+        f"dare-{{kv,o,kv+o}}:TAU[,candidates[=N]], each optionally with @CACHE"
     )
 
 
@@ -152,7 +168,7 @@ def summarize_mode(mode: Mode, run: dict, exact: dict | None, task_items: dict) 
 
     row = {"mode": mode.name, "tasks": {}}
     totals = {"correct": 0, "n": 0, "same": 0, "positions": 0, "forwards": 0,
-              "tokens": 0, "token_layers": 0, "kv": 0, "o": 0, "seconds": 0.0}
+              "tokens": 0, "rows": 0, "token_layers": 0, "kv": 0, "o": 0, "seconds": 0.0}
     for task, items in task_items.items():
         outs = run[task]["outputs"]
         t = {k: 0 for k in totals}
@@ -169,6 +185,7 @@ def summarize_mode(mode: Mode, run: dict, exact: dict | None, task_items: dict) 
             dllm = stats.get("dllm", {})
             t["forwards"] += dllm.get("forwards", 0)
             t["tokens"] += dllm.get("gen_length", 0)
+            t["rows"] += dllm.get("computed_rows", 0)
             dare = stats.get("dare")
             if dare is not None:
                 t["token_layers"] += dare["token_layers"]
@@ -187,6 +204,7 @@ def _ratios(t: dict, extra: dict | None) -> dict:
         "token_agreement": t["same"] / t["positions"] if t["positions"] else None,
         "nfe_per_request": t["forwards"] / t["n"],
         "tokens_per_forward": t["tokens"] / t["forwards"] if t["forwards"] else None,
+        "computed_rows": t["rows"],
         "kv_reuse": t["kv"] / t["token_layers"] if t["token_layers"] else None,
         "o_reuse": t["o"] / t["token_layers"] if t["token_layers"] else None,
         "seconds": t["seconds"],
@@ -341,6 +359,11 @@ def evaluate(args, engine_for=None) -> dict:
     t_exact = rows[0]["seconds"]
     for row in rows:
         row["speedup_vs_exact"] = t_exact / row["seconds"]
+        # Token-layer rows the forwards computed, relative to exact mode's.
+        row["rows_vs_exact"] = row["computed_rows"] / rows[0]["computed_rows"]
+        for t in tasks:
+            row["tasks"][t]["rows_vs_exact"] = (row["tasks"][t]["computed_rows"]
+                                                / rows[0]["tasks"][t]["computed_rows"])
         row["accuracy_drop_vs_exact_points"] = {
             t: round(100 * (rows[0]["tasks"][t]["accuracy"] - row["tasks"][t]["accuracy"]), 2)
             for t in tasks
@@ -387,8 +410,8 @@ def print_table(report: dict) -> None:
           f"Dream alg: {s['dream_alg']}; batch: {s['batch']}; {s['decoding']}"
           + (f"; DARE engine settings: {json.dumps(s['dare_engine_config'])}"
              if s.get("dare_engine_config") else ""))
-    head = (f"{'mode':<16}" + "".join(f"{'acc ' + t:>10}" for t in tasks)
-            + f"{'agree':>7}{'NFE':>6}{'tok/fw':>7}{'kv re':>7}{'o re':>7}"
+    head = (f"{'mode':<22}" + "".join(f"{'acc ' + t:>10}" for t in tasks)
+            + f"{'agree':>7}{'NFE':>6}{'tok/fw':>7}{'rows':>7}{'kv re':>7}{'o re':>7}"
             f"{'sec':>7}{'speedup':>8}")
     print(head)
 
@@ -396,10 +419,11 @@ def print_table(report: dict) -> None:
         return "-" if x is None else format(x, fmt)
 
     for r in report["rows"]:
-        print(f"{r['mode']:<16}"
+        print(f"{r['mode']:<22}"
               + "".join(f"{100 * r['tasks'][t]['accuracy']:>10.1f}" for t in tasks)
               + f"{f(r['token_agreement'], '.3f'):>7}{r['nfe_per_request']:>6.1f}"
-              + f"{f(r['tokens_per_forward'], '.2f'):>7}{f(r['kv_reuse'], '.3f'):>7}"
+              + f"{f(r['tokens_per_forward'], '.2f'):>7}{r['rows_vs_exact']:>7.3f}"
+              + f"{f(r['kv_reuse'], '.3f'):>7}"
               + f"{f(r['o_reuse'], '.3f'):>7}{r['seconds']:>7.2f}"
               + f"{r['speedup_vs_exact']:>7.2f}x")
 
@@ -425,14 +449,16 @@ def markdown_table(report: dict) -> str:
            if s.get("dare_engine_config") else "") + ".",
         "",
         "| mode | " + " | ".join(f"{t} acc %" for t in tasks)
-        + " | agreement | NFE | tokens/forward | K/V reuse | O reuse | seconds | speed-up |",
-        "|---" * (len(tasks) + 8) + "|",
+        + " | agreement | NFE | tokens/forward | rows vs exact | K/V reuse | O reuse"
+        " | seconds | speed-up |",
+        "|---" * (len(tasks) + 9) + "|",
     ]
     for r in report["rows"]:
         lines.append(
             f"| {r['mode']} | " + " | ".join(pct(r["tasks"][t]["accuracy"]) for t in tasks)
             + f" | {num(r['token_agreement'], '.3f')} | {r['nfe_per_request']:.1f}"
-            + f" | {num(r['tokens_per_forward'], '.2f')} | {pct(r['kv_reuse'])}"
+            + f" | {num(r['tokens_per_forward'], '.2f')} | {r['rows_vs_exact']:.3f}"
+            + f" | {pct(r['kv_reuse'])}"
             + f" | {pct(r['o_reuse'])} | {r['seconds']:.1f} | {r['speedup_vs_exact']:.2f}x |"
         )
     return "\n".join(lines) + "\n"

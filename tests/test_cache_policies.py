@@ -66,3 +66,124 @@ def test_cached_generation_differs_from_exact_and_saves_rows(llada_engine, tiny_
         # block one whole-sequence forward and 7 forwards of the 8-token block.
         assert e["computed_rows"] == (len(prompt) + 32 * L) * layers
         assert d["computed_rows"] == (len(prompt) + 4 * L + 4 * 7 * 8) * layers
+
+
+def test_policies_mixed_in_one_batch_with_guidance_and_an_abort(llada_engine, tiny_llada):
+    """Requests with different policies (one guided, one aborted part-way) share
+    the engine's steps; each equals its own reference and every KV block comes
+    back."""
+    from engine_steps import run_engine
+
+    llm = llada_engine()
+    ref = load_reference_model(tiny_llada)
+    tok = llm.get_tokenizer()
+    ids = [tok.encode(p) for p in PROMPTS]
+    mask = ref.spec.mask_token_id
+    base = {"dllm_steps": 16, "dllm_block_length": 8}
+    setups = [
+        ({**base, "dllm_cache": "dual"}, lambda p: llada_generate_cached(
+            ref, p, mask, 16, 16, 8, "dual")[0]),
+        ({**base, "dllm_cache": "prefix", "dllm_cfg_scale": 0.5}, lambda p: llada_generate_cached(
+            ref, p, mask, 16, 16, 8, "prefix", cfg_scale=0.5)[0]),
+        (base, lambda p: llada_generate(ref.logits, p, mask, 16, 16, 8)),
+        ({**base, "dllm_cache": "dual"}, None),  # aborted
+        ({**base, "dllm_cache": "prefix"}, lambda p: llada_generate_cached(
+            ref, p, mask, 16, 16, 8, "prefix")[0]),
+    ]
+    requests = [(p, SamplingParams(max_tokens=16, extra_args=extra, ignore_eos=True))
+                for p, (extra, _) in zip(ids, setups)]
+    done = run_engine(llm, requests, max_steps=200, abort_after=(3, 4), tag="mixed")
+    for k, (prompt, (_, reference)) in enumerate(zip(ids, setups)):
+        if reference is None:
+            assert done[k] is None
+            continue
+        assert list(done[k].outputs[0].token_ids) == reference(prompt), k
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    pool = scheduler.kv_cache_manager.block_pool
+    assert not scheduler.running and not scheduler.waiting
+    assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
+    llm.llm_engine.step()  # the worker hears of finished requests at the next step
+    sampler = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model_state.sampler
+    assert not sampler.policies and not sampler.computed_rows and not sampler.states
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"dllm_cache": "lru"}, "dllm_cache must be one of dual, none, prefix"),
+    ({"dllm_cache": "dual", "dllm_cache_refresh": 4}, "has no dllm_cache_refresh"),
+    ({"dllm_cache": "prefix", "dllm_cache_window": 4}, "has no dllm_cache_window"),
+    ({"dllm_cache": 1}, "dllm_cache must be a string"),
+    ({"dllm_cache_refresh": 0}, "dllm_cache_refresh must be a positive integer"),
+])
+def test_bad_cache_knobs_are_rejected_and_the_engine_serves_on(llada_engine, extra, message):
+    from vllm.exceptions import VLLMValidationError
+
+    llm = llada_engine()
+    with pytest.raises(VLLMValidationError, match=message):
+        _run(llm, [[5, 6, 7]], 8, extra)
+    tokens, _ = _run(llm, [[5, 6, 7]], 8, {"dllm_cache": "dual", "dllm_block_length": 4})
+    assert len(tokens[0]) == 8
+
+
+def test_dream_refuses_the_block_caches(dream_engine):
+    from vllm.exceptions import VLLMValidationError
+
+    llm = dream_engine()
+    with pytest.raises(VLLMValidationError, match="applies to LLaDA models only"):
+        _run(llm, [[5, 6, 7]], 8, {"dllm_cache": "dual"})
+
+
+def test_engine_default_policy_from_additional_config(engines, tiny_llada):
+    """``--additional-config '{"dllm_cache": "dual"}'`` is every request's default;
+    a request may still pick another policy."""
+    llm = engines.get(tiny_llada, additional_config={"dllm_cache": "dual"})
+    ref = load_reference_model(tiny_llada)
+    ids = [llm.get_tokenizer().encode(p) for p in PROMPTS[:3]]
+    base = {"dllm_steps": 16, "dllm_block_length": 8}
+    mask = ref.spec.mask_token_id
+    default, _ = _run(llm, ids, 16, base)
+    exact, _ = _run(llm, ids, 16, {**base, "dllm_cache": "none"})
+    assert default == [llada_generate_cached(ref, p, mask, 16, 16, 8, "dual")[0] for p in ids]
+    assert exact == [llada_generate(ref.logits, p, mask, 16, 16, 8) for p in ids]
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"dllm_cache": "dual", "dllm_cache_refresh": 2}, "has no dllm_cache_refresh"),
+    ({"dllm_cache": "ring"}, "dllm_cache must be one of"),
+])
+def test_bad_engine_default_policy_is_refused_at_start(config, message):
+    from vllm_dare.model_executor.denoising.params import DenoisingDefaults
+
+    with pytest.raises(ValueError, match=message):
+        DenoisingDefaults.from_generation_config("llada", 5, 64, {}, cache=config)
+    with pytest.raises(ValueError, match="applies to LLaDA models only"):
+        DenoisingDefaults.from_generation_config("dream", 5, 64, {},
+                                                 cache={"dllm_cache": "prefix"})
+
+
+@pytest.mark.parametrize("cache", ["dual", "prefix"])
+def test_dare_composes_with_the_caches(engines, tiny_llada, cache):
+    """DARE acts on the tokens a cache policy feeds: with nothing reused it equals
+    the policy's reference; with reuse on it counts the fed rows only and skips
+    some of them (less work than the policy alone)."""
+    config = {"dare": {"mode": "kv+o", "tau_kv": 0.05, "tau_o": 0.05}}
+    llm = engines.get(tiny_llada, attention_backend="dare", additional_config=config)
+    ref = load_reference_model(tiny_llada)
+    ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
+    extra = {"dllm_steps": 32, "dllm_block_length": 8, "dllm_cache": cache}
+    params = SamplingParams(max_tokens=32, extra_args={**extra, "dare_tau_kv": 0.0,
+                                                        "dare_tau_o": 0.0}, ignore_eos=True)
+    off = llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
+    for prompt, out in zip(ids, off):
+        want, fig = llada_generate_cached(ref, prompt, ref.spec.mask_token_id, 32, 32, 8, cache)
+        assert list(out.outputs[0].token_ids) == want
+        assert out.kv_transfer_params["dare"]["kv_reused"] == 0
+    params = SamplingParams(max_tokens=32, extra_args=extra, ignore_eos=True)
+    on = llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
+    for prompt, out in zip(ids, on):
+        dllm, dare = out.kv_transfer_params["dllm"], out.kv_transfer_params["dare"]
+        _, fig = llada_generate_cached(ref, prompt, ref.spec.mask_token_id, 32, 32, 8, cache)
+        assert dllm["computed_rows"] == fig["computed_rows"] + len(prompt) * ref.spec.num_layers
+        # DARE sees exactly the fed rows, and reuses some of them.
+        assert dare["token_layers"] == dllm["computed_rows"]
+        assert 0 < dare["kv_reused"] < dare["token_layers"]
+        assert 0 < dare["o_reused"] < dare["token_layers"]

@@ -201,7 +201,8 @@ def _load_harness():
 
 @pytest.mark.parametrize("text", ["fast", "dare-kv", "dare-qkv:0.1", "dare-o:-1", "exact:steps/0",
                                   "dare-kv:0.1,often", "dare-kv:0.1,candidates=0",
-                                  "dare-kv:0.1,candidates=two"])
+                                  "dare-kv:0.1,candidates=two", "exact@lru", "exact@none",
+                                  "dare-kv:0.1@"])
 def test_harness_rejects_unknown_modes(text):
     with pytest.raises(ValueError):
         _load_harness().parse_mode(text)
@@ -214,6 +215,10 @@ def test_harness_mode_options_become_request_knobs():
     assert limited["dare_recompute_candidates"] is True
     assert limited["dare_candidate_limit"] == 3
     assert "dare_candidate_limit" not in parse("dare-o:0.1,candidates").extra_args
+    cached = parse("dare-kv+o:0.05,candidates=3@dual")
+    assert cached.engine == "dare" and cached.extra_args["dllm_cache"] == "dual"
+    assert cached.extra_args["dare_candidate_limit"] == 3
+    assert parse("exact:steps/2@prefix").steps_divisor == 2
 
 
 def test_max_mode_must_serve_the_modes_measured(capsys):
@@ -261,12 +266,27 @@ def test_quality_speed_harness_reports_every_mode(engines, tiny_llada, tmp_path)
     harness = _load_harness()
     report = harness.main(
         ["--model", str(tiny_llada), "--tasks", "add", "sort", "--per-task", "3",
-         "--modes", "exact", "exact:steps/2", "dare-kv:1e-6", "dare-kv+o:0.5",
+         "--modes", "exact", "exact:steps/2", "exact@dual", "dare-kv:1e-6", "dare-kv+o:0.5",
          "--out", str(tmp_path / "qs")],
         engine_for=lambda kind, **kw: engines.get(tiny_llada, **kw),
     )
     rows = {r["mode"]: r for r in report["rows"]}
-    assert list(rows) == ["exact", "exact:steps/2", "dare-kv:1e-6", "dare-kv+o:0.5"]
+    assert list(rows) == ["exact", "exact:steps/2", "exact@dual", "dare-kv:1e-6",
+                          "dare-kv+o:0.5"]
+    # add: prompt P tokens, gen 8 in one block of 8 steps. Exact computes the prompt
+    # pass and 8 forwards of P + 8 rows; dual the prompt pass, one forward of P + 8
+    # and 7 of the 8-token block (per layer).
+    from vllm_dare.training.tasks import held_out
+    from vllm_dare.training.train import prompt_ids
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llada))
+    lengths = [len(prompt_ids(tok, ex.question)) for ex in held_out("add")[:3]]
+    assert rows["exact@dual"]["tasks"]["add"]["rows_vs_exact"] == pytest.approx(
+        sum(P + (P + 8) + 7 * 8 for P in lengths) / sum(P + 8 * (P + 8) for P in lengths))
+    assert rows["exact"]["rows_vs_exact"] == 1.0 and rows["dare-kv:1e-6"]["rows_vs_exact"] == 1.0
+    assert rows["exact@dual"]["nfe_per_request"] == rows["exact"]["nfe_per_request"]
     exact, half = rows["exact"], rows["exact:steps/2"]
     assert exact["token_agreement"] == 1.0 and exact["speedup_vs_exact"] == 1.0
     # add: 8 steps, sort: 16 steps, + the prompt-only forward; half the steps each

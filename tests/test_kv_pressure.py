@@ -214,7 +214,9 @@ def _worker_state(llm) -> dict[str, int]:
     return {"slots": len(state._slot_of), "prev_inputs": len(state._prev_inputs),
             "forwards": len(state._forwards), "denoisers": len(sampler.states),
             "req_ids": len(sampler.req_id_of_slot), "dare_settings": len(sampler.dare_settings),
-            "dare_counts": len(sampler.dare_counts), "nfe": len(sampler.forwards)}
+            "dare_counts": len(sampler.dare_counts), "nfe": len(sampler.forwards),
+            "cache_policies": len(sampler.policies), "computed_rows": len(sampler.computed_rows),
+            "plan_failures": len(sampler.plan_failures)}
 
 
 def test_aborted_requests_free_their_blocks_twins_and_worker_state(small_kv_engine):
