@@ -8,6 +8,7 @@ import pytest
 from vllm import SamplingParams
 
 from vllm_dare.reference import load_reference_model
+from vllm_dare.reference.dkv_cache import llada_generate_dkv_decode
 from vllm_dare.reference.fast_dllm_cache import llada_generate_cached
 from vllm_dare.reference.generation import llada_generate
 
@@ -47,6 +48,28 @@ def test_llada_fast_dllm_cache_matches_reference(llada_engine, tiny_llada, cache
         assert fig["computed_rows"] == want_fig["computed_rows"] + len(prompt) * layers
 
 
+@pytest.mark.parametrize("gen_length,steps,block_length,refresh", [
+    (32, 32, 16, None), (24, 24, 8, 3), (16, 32, 8, 4)])
+def test_llada_dkv_decode_matches_reference(llada_engine, tiny_llada, gen_length, steps,
+                                            block_length, refresh):
+    llm = llada_engine()
+    ref = load_reference_model(tiny_llada)
+    ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
+    extra = {"dllm_steps": steps, "dllm_block_length": block_length, "dllm_cache": "dkv_decode"}
+    if refresh is not None:
+        extra["dllm_cache_refresh"] = refresh
+    got, figures = _run(llm, ids, gen_length, extra)
+    layers = ref.spec.num_layers
+    for prompt, tokens, fig in zip(ids, got, figures):
+        want, want_fig = llada_generate_dkv_decode(
+            ref, prompt, ref.spec.mask_token_id, gen_length, steps, block_length,
+            cache_reloading_step=refresh or 8)
+        assert tokens == want
+        assert fig["forwards"] == want_fig["forwards"] + 1
+        assert fig["computed_rows"] == want_fig["computed_rows"] + len(prompt) * layers
+        assert fig["computed_rows"] < fig["forwards"] * (len(prompt) + gen_length) * layers
+
+
 def test_cached_generation_differs_from_exact_and_saves_rows(llada_engine, tiny_llada):
     """The cache is really used: with stale K/V the tokens are not all exact mode's
     (on this random model), and the rows computed are fewer."""
@@ -77,7 +100,7 @@ def test_policies_mixed_in_one_batch_with_guidance_and_an_abort(llada_engine, ti
     llm = llada_engine()
     ref = load_reference_model(tiny_llada)
     tok = llm.get_tokenizer()
-    ids = [tok.encode(p) for p in PROMPTS]
+    ids = [tok.encode(p) for p in PROMPTS + PROMPTS[:1]]
     mask = ref.spec.mask_token_id
     base = {"dllm_steps": 16, "dllm_block_length": 8}
     setups = [
@@ -86,13 +109,15 @@ def test_policies_mixed_in_one_batch_with_guidance_and_an_abort(llada_engine, ti
         ({**base, "dllm_cache": "prefix", "dllm_cfg_scale": 0.5}, lambda p: llada_generate_cached(
             ref, p, mask, 16, 16, 8, "prefix", cfg_scale=0.5)[0]),
         (base, lambda p: llada_generate(ref.logits, p, mask, 16, 16, 8)),
+        ({**base, "dllm_cache": "dkv_decode", "dllm_cache_refresh": 4},
+         lambda p: llada_generate_dkv_decode(ref, p, mask, 16, 16, 8, 4)[0]),
         ({**base, "dllm_cache": "dual"}, None),  # aborted
         ({**base, "dllm_cache": "prefix"}, lambda p: llada_generate_cached(
             ref, p, mask, 16, 16, 8, "prefix")[0]),
     ]
     requests = [(p, SamplingParams(max_tokens=16, extra_args=extra, ignore_eos=True))
                 for p, (extra, _) in zip(ids, setups)]
-    done = run_engine(llm, requests, max_steps=200, abort_after=(3, 4), tag="mixed")
+    done = run_engine(llm, requests, max_steps=200, abort_after=(4, 4), tag="mixed")
     for k, (prompt, (_, reference)) in enumerate(zip(ids, setups)):
         if reference is None:
             assert done[k] is None
@@ -108,7 +133,9 @@ def test_policies_mixed_in_one_batch_with_guidance_and_an_abort(llada_engine, ti
 
 
 @pytest.mark.parametrize("extra,message", [
-    ({"dllm_cache": "lru"}, "dllm_cache must be one of dual, none, prefix"),
+    ({"dllm_cache": "lru"}, "dllm_cache must be one of dkv_decode, dual, none, prefix"),
+    ({"dllm_cache": "dkv_decode", "dllm_cfg_scale": 1.0}, "does not support classifier-free"),
+    ({"dllm_cache": "dkv_decode", "dllm_cache_window": 2}, "has no dllm_cache_window"),
     ({"dllm_cache": "dual", "dllm_cache_refresh": 4}, "has no dllm_cache_refresh"),
     ({"dllm_cache": "prefix", "dllm_cache_window": 4}, "has no dllm_cache_window"),
     ({"dllm_cache": 1}, "dllm_cache must be a string"),

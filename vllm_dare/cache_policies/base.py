@@ -13,10 +13,12 @@ Exact mode is the policy that feeds every position and attends to all of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import ClassVar
 
 import numpy as np
+import torch
 
 from vllm_dare.model_executor.denoising.params import DenoisingParams
 
@@ -50,7 +52,9 @@ class DenoisingView:
     the twin's logits steer the owner's step). ``block`` is the
     ``(start, end)`` canvas range the next step may unmask (the whole canvas for
     algorithms without blocks); ``block_start`` is True when that step is the
-    first of its block, ``step_in_block`` counts the block's steps before it.
+    first of its block, ``step_in_block`` counts the block's steps before it
+    (skipped steps that unmask nothing included). ``masked`` (read on first use)
+    says which canvas positions still hold [MASK].
     """
 
     prompt_len: int
@@ -58,6 +62,12 @@ class DenoisingView:
     block: tuple[int, int]
     block_start: bool
     step_in_block: int
+    canvas: torch.Tensor = field(repr=False)
+    mask_token_id: int
+
+    @cached_property
+    def masked(self) -> np.ndarray:
+        return (self.canvas == self.mask_token_id).cpu().numpy()
 
 
 class CachePolicy:

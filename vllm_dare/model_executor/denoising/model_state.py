@@ -215,6 +215,8 @@ class DenoisingModelState(DefaultModelState):
                         block=denoiser.block_range(),
                         block_start=denoiser.at_block_start(),
                         step_in_block=denoiser.step_in_block(),
+                        canvas=denoiser.canvas,
+                        mask_token_id=denoiser.mask_token_id,
                     ))
                 except Exception as exc:  # this request fails, the batch goes on
                     self.sampler.plan_failures[slot] = exc
