@@ -54,7 +54,7 @@ DEFAULT_MODES = [
     "dare-kv:0.02", "dare-kv:0.05", "dare-kv:0.1",
     "dare-o:0.02", "dare-o:0.05", "dare-o:0.1",
     "dare-kv+o:0.02", "dare-kv+o:0.05", "dare-kv+o:0.1", "dare-kv+o:0.2",
-    "exact@prefix", "exact@dual", "dare-kv+o:0.05@dual",
+    "exact@prefix", "exact@dual", "exact@dkv_decode", "exact@freecache", "dare-kv+o:0.05@dual",
 ]
 
 

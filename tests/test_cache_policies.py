@@ -8,8 +8,9 @@ import pytest
 from vllm import SamplingParams
 
 from vllm_dare.reference import load_reference_model
-from vllm_dare.reference.dkv_cache import llada_generate_dkv_decode
+from vllm_dare.reference.dkv_cache import dream_generate_dkv, llada_generate_dkv_decode
 from vllm_dare.reference.fast_dllm_cache import llada_generate_cached
+from vllm_dare.reference.freecache import dream_generate_freecache, llada_generate_freecache
 from vllm_dare.reference.generation import llada_generate
 
 PROMPTS = [
@@ -68,6 +69,23 @@ def test_llada_dkv_decode_matches_reference(llada_engine, tiny_llada, gen_length
         assert fig["forwards"] == want_fig["forwards"] + 1
         assert fig["computed_rows"] == want_fig["computed_rows"] + len(prompt) * layers
         assert fig["computed_rows"] < fig["forwards"] * (len(prompt) + gen_length) * layers
+
+
+@pytest.mark.parametrize("window", [None, 8, 16])
+def test_llada_freecache_matches_reference(llada_engine, tiny_llada, window):
+    llm = llada_engine()
+    ref = load_reference_model(tiny_llada)
+    ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
+    extra = {"dllm_steps": 32, "dllm_block_length": 8, "dllm_cache": "freecache"}
+    if window is not None:
+        extra["dllm_cache_window"] = window
+    got, figures = _run(llm, ids, 32, extra)
+    layers = ref.spec.num_layers
+    for prompt, tokens, fig in zip(ids, got, figures):
+        want, want_fig = llada_generate_freecache(ref, prompt, ref.spec.mask_token_id,
+                                                  32, 32, 8, window)
+        assert tokens == want
+        assert fig["computed_rows"] == want_fig["computed_rows"] + len(prompt) * layers
 
 
 def test_cached_generation_differs_from_exact_and_saves_rows(llada_engine, tiny_llada):
@@ -133,9 +151,13 @@ def test_policies_mixed_in_one_batch_with_guidance_and_an_abort(llada_engine, ti
 
 
 @pytest.mark.parametrize("extra,message", [
-    ({"dllm_cache": "lru"}, "dllm_cache must be one of dkv_decode, dual, none, prefix"),
+    ({"dllm_cache": "lru"},
+     "dllm_cache must be one of dkv_decode, dkv_prefill, dual, freecache, none, prefix"),
     ({"dllm_cache": "dkv_decode", "dllm_cfg_scale": 1.0}, "does not support classifier-free"),
     ({"dllm_cache": "dkv_decode", "dllm_cache_window": 2}, "has no dllm_cache_window"),
+    ({"dllm_cache": "dkv_prefill"}, "applies to Dream models only"),
+    ({"dllm_cache": "freecache", "dllm_block_length": 8, "dllm_cache_window": 4},
+     "must be at least the block length 8"),
     ({"dllm_cache": "dual", "dllm_cache_refresh": 4}, "has no dllm_cache_refresh"),
     ({"dllm_cache": "prefix", "dllm_cache_window": 4}, "has no dllm_cache_window"),
     ({"dllm_cache": 1}, "dllm_cache must be a string"),
@@ -151,12 +173,54 @@ def test_bad_cache_knobs_are_rejected_and_the_engine_serves_on(llada_engine, ext
     assert len(tokens[0]) == 8
 
 
-def test_dream_refuses_the_block_caches(dream_engine):
+@pytest.mark.parametrize("cache,refresh,alg", [
+    ("dkv_decode", None, "maskgit_plus"), ("dkv_decode", 3, "entropy"),
+    ("dkv_prefill", None, "topk_margin")])
+def test_dream_dkv_cache_matches_reference(dream_engine, tiny_dream, cache, refresh, alg):
+    llm = dream_engine()
+    ref = load_reference_model(tiny_dream)
+    ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
+    extra = {"dllm_steps": 12, "dllm_alg": alg, "dllm_cache": cache}
+    if refresh is not None:
+        extra["dllm_cache_refresh"] = refresh
+    got, figures = _run(llm, ids, 24, extra)
+    layers = ref.spec.num_layers
+    for prompt, tokens, fig in zip(ids, got, figures):
+        want, want_fig = dream_generate_dkv(
+            ref, prompt, ref.spec.mask_token_id, 24, 12, cache.removeprefix("dkv_"),
+            cache_reloading_step=refresh or 4, alg=alg)
+        assert tokens == want
+        assert fig["forwards"] == want_fig["forwards"] + 1
+        assert fig["computed_rows"] == want_fig["computed_rows"] + len(prompt) * layers
+        assert fig["computed_rows"] < fig["forwards"] * (len(prompt) + 24) * layers
+
+
+def test_dream_freecache_matches_reference(dream_engine, tiny_dream):
+    llm = dream_engine()
+    ref = load_reference_model(tiny_dream)
+    ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
+    got, figures = _run(llm, ids, 24, {"dllm_steps": 12, "dllm_alg": "maskgit_plus",
+                                       "dllm_cache": "freecache"})
+    for prompt, tokens, fig in zip(ids, got, figures):
+        want, want_fig = dream_generate_freecache(ref, prompt, ref.spec.mask_token_id, 24, 12)
+        assert tokens == want
+        assert fig["computed_rows"] == (want_fig["computed_rows"]
+                                        + len(prompt) * ref.spec.num_layers)
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"dllm_cache": "freecache", "dllm_cache_window": 16}, "applies to LLaDA models only"),
+    ({"dllm_cache": "dual"}, "applies to LLaDA models only"),
+    ({"dllm_cache": "prefix"}, "applies to LLaDA models only"),
+    ({"dllm_cache": "dkv_prefill", "dllm_cache_refresh": 2}, "has no dllm_cache_refresh"),
+])
+def test_dream_refuses_what_does_not_apply(dream_engine, extra, message):
     from vllm.exceptions import VLLMValidationError
 
     llm = dream_engine()
-    with pytest.raises(VLLMValidationError, match="applies to LLaDA models only"):
-        _run(llm, [[5, 6, 7]], 8, {"dllm_cache": "dual"})
+    with pytest.raises(VLLMValidationError, match=message):
+        _run(llm, [[5, 6, 7]], 8, extra)
+
 
 
 def test_engine_default_policy_from_additional_config(engines, tiny_llada):

@@ -146,6 +146,28 @@ def test_dare_counters_in_prometheus_metrics(server, client):
     assert "vllm:num_requests_running" in after
 
 
+def test_cache_policy_rows_in_prometheus_metrics(server):
+    """The rows a cache policy computes and the rows an exact forward would have
+    computed reach /metrics, and match the request's own figures."""
+    before = requests.get(server + "/metrics", timeout=30).text
+    r = requests.post(server + "/v1/completions", timeout=120, json={
+        "model": "tiny-llada", "prompt": "cache me", "max_tokens": 16, "ignore_eos": True,
+        "vllm_xargs": {"dllm_steps": 16, "dllm_block_length": 8, "dllm_cache": "dual"}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    after = requests.get(server + "/metrics", timeout=30).text
+
+    def delta(name):
+        return _metric_sum(after, name) - _metric_sum(before, name)
+
+    P, layers = body["usage"]["prompt_tokens"], 2
+    figures = body["kv_transfer_params"]["dllm"]
+    # The prompt pass, then per block of 8 one full forward and 7 of the block.
+    assert figures["computed_rows"] == (P + 2 * (P + 16) + 2 * 7 * 8) * layers
+    assert delta("vllm_dare:computed_rows_total") == figures["computed_rows"]
+    assert delta("vllm_dare:scheduled_rows_total") == (P + 16 * (P + 16)) * layers
+
+
 def test_per_request_figures_come_back_in_the_response(server):
     """vLLM's CPU platform runs the server's worker in a child process of the
     engine core (multiprocess executor): the figures cross processes

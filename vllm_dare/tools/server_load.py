@@ -50,6 +50,8 @@ KNOB_SETS = (
     {"dllm_block_length": 8, "dare_mode": "kv+o"},
     {"dllm_block_length": 8, "dllm_cfg_scale": 1.0},
     {"dllm_block_length": 8, "dare_mode": "kv", "dllm_steps": "half"},
+    {"dllm_block_length": 8, "dllm_cache": "dual", "dare_mode": "kv+o"},
+    {"dllm_block_length": 8, "dllm_cache": "dkv_decode"},
     {"max_tokens": None},  # the served default
     {"max_tokens": "near_max_model_len"},  # capped at what max_model_len leaves
 )
