@@ -54,7 +54,8 @@ DEFAULT_MODES = [
     "dare-kv:0.02", "dare-kv:0.05", "dare-kv:0.1",
     "dare-o:0.02", "dare-o:0.05", "dare-o:0.1",
     "dare-kv+o:0.02", "dare-kv+o:0.05", "dare-kv+o:0.1", "dare-kv+o:0.2",
-    "exact@prefix", "exact@dual", "exact@dkv_decode", "exact@freecache", "dare-kv+o:0.05@dual",
+    "exact@prefix", "exact@dual", "exact@dkv_decode", "exact@freecache",
+    "dare-kv+o:0.05@dual",
 ]
 
 
@@ -205,6 +206,8 @@ def _ratios(t: dict, extra: dict | None) -> dict:
         "nfe_per_request": t["forwards"] / t["n"],
         "tokens_per_forward": t["tokens"] / t["forwards"] if t["forwards"] else None,
         "computed_rows": t["rows"],
+        "kv_reused_rows": t["kv"],
+        "o_reused_rows": t["o"],
         "kv_reuse": t["kv"] / t["token_layers"] if t["token_layers"] else None,
         "o_reuse": t["o"] / t["token_layers"] if t["token_layers"] else None,
         "seconds": t["seconds"],
@@ -234,11 +237,14 @@ def plot(report: dict, out_prefix: Path) -> list[str]:
     import numpy as np
 
     written = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in report["rows"]:
-        ax.scatter(row["speedup_vs_exact"], 100 * row["accuracy"], s=30)
-        ax.annotate(row["mode"], (row["speedup_vs_exact"], 100 * row["accuracy"]),
-                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    markers = "osD^v<>pPX*h"
+    for k, row in enumerate(report["rows"]):
+        # A legend, not labels at the points: modes of equal accuracy and speed
+        # would draw their labels on top of each other.
+        ax.scatter(row["speedup_vs_exact"], 100 * row["accuracy"], s=36,
+                   marker=markers[k % len(markers)], label=row["mode"])
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     ax.set_xlabel("wall-time speed-up vs. exact (same run)")
     ax.set_ylabel("mean task accuracy (%)")
     s = report["settings"]
@@ -361,6 +367,12 @@ def evaluate(args, engine_for=None) -> dict:
         row["speedup_vs_exact"] = t_exact / row["seconds"]
         # Token-layer rows the forwards computed, relative to exact mode's.
         row["rows_vs_exact"] = row["computed_rows"] / rows[0]["computed_rows"]
+        # K/V projections and attention rows computed (DARE skips some of the
+        # rows the forwards feed), relative to exact mode's.
+        row["kv_rows_vs_exact"] = ((row["computed_rows"] - row["kv_reused_rows"])
+                                   / rows[0]["computed_rows"])
+        row["attention_rows_vs_exact"] = ((row["computed_rows"] - row["o_reused_rows"])
+                                          / rows[0]["computed_rows"])
         for t in tasks:
             row["tasks"][t]["rows_vs_exact"] = (row["tasks"][t]["computed_rows"]
                                                 / rows[0]["tasks"][t]["computed_rows"])

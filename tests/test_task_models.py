@@ -51,3 +51,48 @@ def test_task_model_answers_held_out_questions(engines, name, arch):
         # shipped weights; a random model scores 0.
         assert correct >= (reference[task] - 0.15) * PER_TASK, (name, task, correct, reference)
         assert correct > 0.5 * PER_TASK, (name, task, correct)
+
+
+@pytest.mark.parametrize("name,caches", [
+    ("llada-tasks", ["prefix", "dual", "dkv_decode", "freecache"]),
+    ("dream-tasks", ["dkv_decode", "dkv_prefill", "freecache"]),
+])
+def test_cache_policies_on_the_packaged_models_equal_their_references(engines, name, caches):
+    """Each policy through vLLM equals its dense reference token for token on the
+    trained models too (held-out questions of the longest task, batched)."""
+    from vllm_dare.reference import load_reference_model
+    from vllm_dare.reference.dkv_cache import dream_generate_dkv, llada_generate_dkv_decode
+    from vllm_dare.reference.fast_dllm_cache import llada_generate_cached
+    from vllm_dare.reference.freecache import dream_generate_freecache, llada_generate_freecache
+
+    path = packaged_model_path(name)
+    llm = engines.get(path)
+    ref = load_reference_model(path)
+    mask = ref.spec.mask_token_id
+    tok = llm.get_tokenizer()
+    gen = TASKS["words"].gen_length
+    prompts = [prompt_ids(tok, ex.question) for ex in held_out("words")[:6]]
+    if name == "llada-tasks":
+        knobs = {"dllm_steps": gen, "dllm_block_length": 8}
+        references = {
+            "prefix": lambda p: llada_generate_cached(ref, p, mask, gen, gen, 8, "prefix"),
+            "dual": lambda p: llada_generate_cached(ref, p, mask, gen, gen, 8, "dual"),
+            "dkv_decode": lambda p: llada_generate_dkv_decode(ref, p, mask, gen, gen, 8),
+            "freecache": lambda p: llada_generate_freecache(ref, p, mask, gen, gen, 8),
+        }
+    else:
+        knobs = {"dllm_steps": gen, "dllm_alg": "maskgit_plus"}
+        references = {
+            "dkv_decode": lambda p: dream_generate_dkv(ref, p, mask, gen, gen, "decode"),
+            "dkv_prefill": lambda p: dream_generate_dkv(ref, p, mask, gen, gen, "prefill"),
+            "freecache": lambda p: dream_generate_freecache(ref, p, mask, gen, gen),
+        }
+    for cache in caches:
+        params = SamplingParams(max_tokens=gen, ignore_eos=True,
+                                extra_args={**knobs, "dllm_cache": cache})
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        for prompt, out in zip(prompts, outs):
+            want, figures = references[cache](prompt)
+            assert list(out.outputs[0].token_ids) == want, (name, cache)
+            assert out.kv_transfer_params["dllm"]["computed_rows"] == (
+                figures["computed_rows"] + len(prompt) * ref.spec.num_layers)

@@ -1,4 +1,6 @@
-"""Pure-PyTorch reference of LLaDA and Dream (forward + official generation).
+"""Pure-PyTorch reference of LLaDA and Dream (forward + official generation), and
+of each cache policy's generation (``fast_dllm_cache``, ``dkv_cache``,
+``freecache``).
 
 Readable, unoptimised, and independent of vLLM: the oracle for the engine's exact
 mode, for the benchmark harness and for the training script. It is itself checked
