@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 
-from vllm_dare.model_executor.denoising.params import DenoisingParams
+if TYPE_CHECKING:  # the params module checks requests with the policies
+    from vllm_dare.model_executor.denoising.params import DenoisingParams
 
 
 @dataclass(frozen=True)
