@@ -15,13 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:  # the params module checks requests with the policies
-    from vllm_dare.model_executor.denoising.params import DenoisingParams
 
 
 @dataclass(frozen=True)
@@ -74,7 +71,9 @@ class DenoisingView:
 class CachePolicy:
     """One method. Subclasses set ``name`` (the ``dllm_cache`` value) and
     ``families``, validate a request's parameters in ``check`` and return a
-    ``ForwardPlan`` per forward from ``plan``. One instance per request (it may
+    ``ForwardPlan`` per forward from ``plan``. ``params`` is the request's
+    resolved ``model_executor.denoising.params.DenoisingParams`` (the params module
+    checks requests with the policies, so this module does not import it). One instance per request (it may
     keep per-request state between forwards); ``plan`` is called once per
     denoising forward, in order."""
 
@@ -84,11 +83,11 @@ class CachePolicy:
     uses_refresh: ClassVar[bool] = False
     uses_window: ClassVar[bool] = False
 
-    def __init__(self, params: DenoisingParams):
+    def __init__(self, params: Any):
         self.params = params
 
     @classmethod
-    def check(cls, params: DenoisingParams) -> None:
+    def check(cls, params: Any) -> None:
         """Raise ValueError when the request cannot use this policy."""
 
     def plan(self, view: DenoisingView) -> ForwardPlan:
