@@ -207,6 +207,10 @@ def test_running_requests_that_lose_their_blocks_preempt_from_the_end(
     assert [list(o.outputs[0].token_ids) for o in outs] == [want] * 3
 
 
+def sampler_of(llm):
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.model_state.sampler
+
+
 def _worker_state(llm) -> dict[str, int]:
     """Sizes of the worker's per-request bookkeeping (in-process engine)."""
     runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
@@ -215,8 +219,7 @@ def _worker_state(llm) -> dict[str, int]:
             "forwards": len(state._forwards), "denoisers": len(sampler.states),
             "req_ids": len(sampler.req_id_of_slot), "dare_settings": len(sampler.dare_settings),
             "dare_counts": len(sampler.dare_counts), "nfe": len(sampler.forwards),
-            "cache_policies": len(sampler.policies), "computed_rows": len(sampler.computed_rows),
-            "plan_failures": len(sampler.plan_failures)}
+            "cache_policies": len(sampler.policies), "computed_rows": len(sampler.computed_rows)}
 
 
 def test_aborted_requests_free_their_blocks_twins_and_worker_state(small_kv_engine):
@@ -247,6 +250,7 @@ def test_aborted_requests_free_their_blocks_twins_and_worker_state(small_kv_engi
     assert not scheduler.requests and not scheduler.running and not scheduler._twins
     assert pool.get_num_free_blocks() == USABLE_BLOCKS
     assert set(_worker_state(llm).values()) == {0}, _worker_state(llm)
+    assert not sampler_of(llm).plan_failures
     # A request that finishes normally leaves the worker at the engine's next
     # step (vLLM tells the worker with the next step's scheduler output), so an
     # idle engine holds at most the last step's finished requests, never more.
