@@ -152,10 +152,12 @@ def test_policies_mixed_in_one_batch_with_guidance_and_an_abort(llada_engine, ti
 
 @pytest.mark.parametrize("extra,message", [
     ({"dllm_cache": "lru"},
-     "dllm_cache must be one of dkv_decode, dkv_prefill, dual, freecache, none, prefix"),
+     "dllm_cache must be one of dkv_decode, dkv_pd, dkv_prefill, dual, freecache, none, "
+     "prefix"),
     ({"dllm_cache": "dkv_decode", "dllm_cfg_scale": 1.0}, "does not support classifier-free"),
     ({"dllm_cache": "dkv_decode", "dllm_cache_window": 2}, "has no dllm_cache_window"),
     ({"dllm_cache": "dkv_prefill"}, "applies to Dream models only"),
+    ({"dllm_cache": "dkv_pd"}, "applies to Dream models only"),
     ({"dllm_cache": "freecache", "dllm_block_length": 8, "dllm_cache_window": 4},
      "must be at least the block length 8"),
     ({"dllm_cache": "dual", "dllm_cache_refresh": 4}, "has no dllm_cache_refresh"),
@@ -175,7 +177,7 @@ def test_bad_cache_knobs_are_rejected_and_the_engine_serves_on(llada_engine, ext
 
 @pytest.mark.parametrize("cache,refresh,alg", [
     ("dkv_decode", None, "maskgit_plus"), ("dkv_decode", 3, "entropy"),
-    ("dkv_prefill", None, "topk_margin")])
+    ("dkv_prefill", None, "topk_margin"), ("dkv_pd", 3, "maskgit_plus")])
 def test_dream_dkv_cache_matches_reference(dream_engine, tiny_dream, cache, refresh, alg):
     llm = dream_engine()
     ref = load_reference_model(tiny_dream)

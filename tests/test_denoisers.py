@@ -102,6 +102,24 @@ def test_dream_confidence_algorithms_reveal_everything(alg):
     assert (den.canvas == 5).all()
 
 
+def test_dream_skips_a_first_step_that_transfers_nothing():
+    """With as many steps as tokens the first step's count truncates to 0
+    (32 x (1 - s/t) < 1): it runs no forward, and the steps that do run reveal
+    everything."""
+    gen = steps = 32
+    den = _dream(gen, steps, dllm_alg="maskgit_plus")
+    assert den.next_step == 1
+    forwards = 0
+    done = False
+    while not done:
+        before = int((den.canvas == den.mask_token_id).sum())
+        done = den.step(_peaked_logits(gen, seed=forwards))
+        assert int((den.canvas == den.mask_token_id).sum()) < before  # every step unmasks
+        forwards += 1
+    assert forwards < steps and (den.canvas == 5).all()
+    assert _dream(gen, steps, dllm_alg="origin").next_step == 0  # origin has no count
+
+
 def test_dream_origin_reveals_all_by_the_last_step():
     torch.manual_seed(0)
     gen, steps = 10, 4

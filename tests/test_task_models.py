@@ -55,7 +55,7 @@ def test_task_model_answers_held_out_questions(engines, name, arch):
 
 @pytest.mark.parametrize("name,caches", [
     ("llada-tasks", ["prefix", "dual", "dkv_decode", "freecache"]),
-    ("dream-tasks", ["dkv_decode", "dkv_prefill", "freecache"]),
+    ("dream-tasks", ["dkv_decode", "dkv_prefill", "dkv_pd", "freecache"]),
 ])
 def test_cache_policies_on_the_packaged_models_equal_their_references(engines, name, caches):
     """Each policy through vLLM equals its dense reference token for token on the
@@ -85,6 +85,7 @@ def test_cache_policies_on_the_packaged_models_equal_their_references(engines, n
         references = {
             "dkv_decode": lambda p: dream_generate_dkv(ref, p, mask, gen, gen, "decode"),
             "dkv_prefill": lambda p: dream_generate_dkv(ref, p, mask, gen, gen, "prefill"),
+            "dkv_pd": lambda p: dream_generate_dkv(ref, p, mask, gen, gen, "pd"),
             "freecache": lambda p: dream_generate_freecache(ref, p, mask, gen, gen),
         }
     for cache in caches:

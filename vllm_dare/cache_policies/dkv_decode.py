@@ -60,6 +60,12 @@ class DkvDecode(CachePolicy):
     def plan(self, view: DenoisingView) -> ForwardPlan:
         before, self.masked_before = self.masked_before, view.masked
         i = view.step_in_block
-        if i < self.full_steps or i % self.refresh == 0 or before is None:
+        if before is None or i < self.full_steps:
             return FEED_ALL
+        if i % self.refresh == 0:
+            return self.refresh_plan(view)
         return ForwardPlan(np.flatnonzero(~cacheable(view.prompt_len, before, self.shifted)))
+
+    def refresh_plan(self, view: DenoisingView) -> ForwardPlan:
+        """The forward of a refresh step: every position."""
+        return FEED_ALL

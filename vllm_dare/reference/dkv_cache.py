@@ -16,6 +16,9 @@ is a full forward that recomputes every position.
 
 Prefill (Dream): the first forward is full; every later one feeds the last prompt
 position and the canvas (the prompt's K/V are never refreshed).
+
+PD (Dream): Decode, except that a refresh step feeds everything but the prompt
+(up to its last position): the prompt's K/V come from the first forward only.
 """
 
 from __future__ import annotations
@@ -70,9 +73,9 @@ def dream_generate_dkv(
     cache_reloading_step: int = 4,
     alg: str = "maskgit_plus",
 ) -> tuple[list[int], dict]:
-    """``cache``: ``"decode"`` or ``"prefill"``; greedy. Returns the canvas and
-    ``{"forwards", "computed_rows"}``."""
-    assert cache in ("decode", "prefill")
+    """``cache``: ``"decode"``, ``"prefill"`` or ``"pd"``; greedy. Returns the
+    canvas and ``{"forwards", "computed_rows"}``."""
+    assert cache in ("decode", "prefill", "pd")
     P = len(prompt)
     L = P + max_new_tokens
     cacheable_before = [None]
@@ -81,8 +84,10 @@ def dream_generate_dkv(
         before, cacheable_before[0] = cacheable_before[0], _dream_cacheable(P, x, mask_id)
         if cache == "prefill":
             return torch.arange(L) if before is None else torch.arange(P - 1, L)
-        if before is None or i % cache_reloading_step == 0:
+        if before is None:
             return torch.arange(L)
+        if i % cache_reloading_step == 0:
+            return torch.arange(P - 1 if cache == "pd" else 0, L)
         return (~before).nonzero().squeeze(-1)
 
     return dream_generate_with_cache(model, prompt, mask_id, max_new_tokens, steps, feed,

@@ -178,6 +178,7 @@ class DreamDenoiser(Denoiser):
     def __init__(self, params: DenoisingParams, mask_token_id: int, device: torch.device):
         super().__init__(params, mask_token_id, device)
         self.timesteps = torch.linspace(1, params.eps, params.steps + 1)
+        self._skip_empty_steps(params.gen_length)  # the first step may unmask nothing
 
     def _num_transfer(self, step: int, num_masked: int) -> int:
         if step == self.params.steps - 1:
@@ -245,13 +246,17 @@ class DreamDenoiser(Denoiser):
         remaining = int((self.canvas == self.mask_token_id).sum())
         if remaining == 0:
             return True
-        if p.alg != "origin":
-            while (
-                self.next_step < p.steps - 1
-                and self._num_transfer(self.next_step, remaining) == 0
-            ):
-                self.next_step += 1
+        self._skip_empty_steps(remaining)
         return self.next_step >= p.steps
+
+    def _skip_empty_steps(self, remaining: int) -> None:
+        """Move past the steps whose transfer count truncates to 0 (they unmask
+        nothing; ``origin`` has no count)."""
+        if self.params.alg == "origin":
+            return
+        while (self.next_step < self.params.steps - 1
+               and self._num_transfer(self.next_step, remaining) == 0):
+            self.next_step += 1
 
 
 def make_denoiser(
