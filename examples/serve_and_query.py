@@ -2,7 +2,8 @@
 
 Starts ``vllm-dare serve`` (vLLM's server, set up for diffusion models) with the
 DARE backend on the packaged default model (the trained LLaDA-architecture task model, or --model PATH),
-asks it one held-out question per task in exact mode and with DARE reuse, streams an
+asks it one held-out question per task in exact mode and with DARE reuse, asks one
+with each of two cache policies (which feed fewer tokens per forward), streams an
 answer, shows the HTTP 400 for a bad knob, and stops the server. Exits non-zero if
 an exact-mode answer is wrong.
 
@@ -92,6 +93,22 @@ def main() -> None:
                       f"({'correct' if ok else 'WRONG, expected ' + repr(ex.answer)}; "
                       f"{time.time() - t:.2f}s; {figures.get('dllm', {}).get('forwards')} "
                       f"forwards, K/V reused {dare.get('kv_reuse_fraction', 0):.1%})")
+
+        # Cache policies: the same question with every token fed at every step
+        # (none), with Fast-dLLM's DualCache and with dKV-Cache Decode; the
+        # response's figures say how many token-layer rows the forwards computed.
+        ex = held_out("words")[0]
+        for cache in ("none", "dual", "dkv_decode"):
+            out = client.chat.completions.create(
+                model="dllm", messages=[{"role": "user", "content": ex.question}],
+                max_tokens=TASKS["words"].gen_length, temperature=0,
+                extra_body={"vllm_xargs": {"dllm_block_length": 8, "dllm_cache": cache}},
+            )
+            answer = out.choices[0].message.content
+            dllm = ((out.model_extra or {}).get("kv_transfer_params") or {}).get("dllm", {})
+            print(f"[dllm_cache={cache}] {ex.question!r} -> {answer!r} "
+                  f"({'correct' if is_correct(ex, answer) else 'wrong'}; "
+                  f"{dllm.get('computed_rows')} token-layer rows computed)")
 
         stream = client.chat.completions.create(
             model="dllm", messages=[{"role": "user", "content": "words 512"}],

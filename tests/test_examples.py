@@ -40,6 +40,12 @@ def test_serve_and_query_answers_streams_and_refuses(engines):
             line = next(x for x in out.splitlines()
                         if x.startswith(f"[{task}, dare_mode={mode}]"))
             assert "(correct;" in line, line
+    rows = {}
+    for cache in ("none", "dual", "dkv_decode"):
+        line = next(x for x in out.splitlines() if x.startswith(f"[dllm_cache={cache}]"))
+        rows[cache] = int(line.rsplit("; ", 1)[1].split()[0])
+    # words: gen 32 in blocks of 8; DualCache feeds one block on 7 of a block's 8 steps.
+    assert rows["dual"] < rows["dkv_decode"] < rows["none"], rows
     assert "[stream] 'words 512' -> 'five hundred twelve'" in out
     assert "[bad knobs] HTTP 400: max_tokens=30 must be a multiple of the block length 8" in out
     assert "[/metrics] DARE over all requests:" in out
