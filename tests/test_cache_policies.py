@@ -280,3 +280,33 @@ def test_dare_composes_with_the_caches(engines, tiny_llada, cache):
         assert dare["token_layers"] == dllm["computed_rows"]
         assert 0 < dare["kv_reused"] < dare["token_layers"]
         assert 0 < dare["o_reused"] < dare["token_layers"]
+
+
+def test_a_policy_with_a_bad_plan_ends_only_its_request(llada_engine, tiny_llada, monkeypatch):
+    """A plan that does not fit its sequence (a bug in a policy) ends that request
+    with finish_reason "error"; the request beside it is served as its reference."""
+    import numpy as np
+
+    from vllm_dare.cache_policies.base import ForwardPlan
+    from vllm_dare.cache_policies.dual import DualCache
+
+    llm = llada_engine()
+    ref = load_reference_model(tiny_llada)
+    tok = llm.get_tokenizer()
+    good, bad = tok.encode(PROMPTS[0]), tok.encode(PROMPTS[2])
+    real_plan = DualCache.plan
+
+    def plan(self, view):
+        if view.prompt_len == len(bad) and not view.block_start:
+            return ForwardPlan(np.array([view.prompt_len + view.gen_length]))  # past the end
+        return real_plan(self, view)
+
+    monkeypatch.setattr(DualCache, "plan", plan)
+    params = SamplingParams(max_tokens=16, ignore_eos=True, extra_args={
+        "dllm_steps": 16, "dllm_block_length": 8, "dllm_cache": "dual"})
+    outs = llm.generate([{"prompt_token_ids": p} for p in (good, bad)], params, use_tqdm=False)
+    assert outs[1].outputs[0].finish_reason == "error"
+    assert list(outs[0].outputs[0].token_ids) == llada_generate_cached(
+        ref, good, ref.spec.mask_token_id, 16, 16, 8, "dual")[0]
+    tokens, _ = _run(llm, [good], 16, {"dllm_steps": 16, "dllm_block_length": 8})
+    assert len(tokens[0]) == 16  # the engine serves on

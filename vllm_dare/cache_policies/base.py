@@ -34,6 +34,24 @@ class ForwardPlan:
     fed: np.ndarray | None = None
     attend: int | None = None
 
+    def check(self, length: int) -> None:
+        """Raise ValueError unless the plan fits a sequence of ``length`` positions:
+        fed positions ascending, distinct and inside it, each within the reach of
+        the attention (a fed token attends to its own key)."""
+        if self.attend is not None and not 0 < self.attend <= length:
+            raise ValueError(f"attention reach {self.attend} outside 1..{length}")
+        if self.fed is None:
+            return
+        fed = self.fed
+        if fed.size == 0:
+            raise ValueError("a forward that feeds nothing")
+        if fed[0] < 0 or fed[-1] >= length or (fed.size > 1 and (np.diff(fed) <= 0).any()):
+            raise ValueError(f"fed positions must be ascending and distinct within "
+                             f"0..{length - 1}, got {fed[0]}..{fed[-1]}")
+        if self.attend is not None and fed[-1] >= self.attend:
+            raise ValueError(f"fed position {fed[-1]} beyond the attention reach "
+                             f"{self.attend}")
+
     @staticmethod
     def span(start: int, end: int, attend: int | None = None) -> ForwardPlan:
         return ForwardPlan(np.arange(start, end, dtype=np.int64), attend)

@@ -83,11 +83,9 @@ def build_step_plan(requests: list[RequestForward], num_tokens: int,
         if r.plan.fed is None:
             fed = np.arange(r.first_position, end, dtype=np.int64)
         else:
+            # A plan is checked against its sequence (``ForwardPlan.check``) before
+            # it gets here; a denoising forward schedules the whole sequence.
             fed = np.union1d(r.plan.fed, rows).astype(np.int64)
-            if fed.size and (fed[0] < r.first_position or fed[-1] >= end):
-                raise ValueError(
-                    f"a cache policy fed positions {fed[0]}..{fed[-1]} outside the "
-                    f"scheduled {r.first_position}..{end - 1}")
             everything = everything and fed.size == r.query_len
         token_index = r.query_start + (fed - r.first_position)
         fed_parts.append(token_index)

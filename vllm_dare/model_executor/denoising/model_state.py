@@ -218,6 +218,7 @@ class DenoisingModelState(DefaultModelState):
                         canvas=denoiser.canvas,
                         mask_token_id=denoiser.mask_token_id,
                     ))
+                    plan.check(prompt_len + denoiser.gen_length)
                 except Exception as exc:  # this request fails, the batch goes on
                     self.sampler.plan_failures[slot] = exc
                     plan, positions = FEED_ALL, no_logits
