@@ -115,8 +115,11 @@ def main() -> None:
             max_tokens=32, stream=True, temperature=0,
             extra_body={"vllm_xargs": {"dllm_block_length": 8}},
         )
-        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-        print(f"[stream] 'words 512' -> {text!r}")
+        # Each chunk is the part of the canvas that is final (its committed prefix).
+        pieces = [c.choices[0].delta.content for c in stream if c.choices]
+        pieces = [p for p in pieces if p]
+        print(f"[stream] 'words 512' -> {''.join(pieces)!r} in {len(pieces)} chunks: "
+              + " | ".join(repr(p) for p in pieces))
 
         bad = requests.post(
             f"{base}/v1/completions",

@@ -46,7 +46,10 @@ def test_serve_and_query_answers_streams_and_refuses(engines):
         rows[cache] = int(line.rsplit("; ", 1)[1].split()[0])
     # words: gen 32 in blocks of 8; DualCache feeds one block on 7 of a block's 8 steps.
     assert rows["dual"] < rows["dkv_decode"] < rows["none"], rows
-    assert "[stream] 'words 512' -> 'five hundred twelve'" in out
+    stream = next(x for x in out.splitlines() if x.startswith("[stream]"))
+    assert stream.startswith("[stream] 'words 512' -> 'five hundred twelve' in "), stream
+    # The answer arrives in pieces while the canvas is still being denoised.
+    assert int(stream.split(" in ")[1].split()[0]) >= 2, stream
     assert "[bad knobs] HTTP 400: max_tokens=30 must be a multiple of the block length 8" in out
     assert "[/metrics] DARE over all requests:" in out
     assert "all exact-mode answers correct" in out

@@ -86,11 +86,29 @@ def test_guided_completion_hides_its_twin(client):
     assert all(c.finish_reason in ("stop", "length") for c in out.choices)
 
 
-def test_streaming_matches_non_streaming(client):
-    kwargs = dict(model="tiny-llada", prompt="abc", max_tokens=16, extra_body=XARGS)
-    full = client.completions.create(**kwargs).choices[0].text
-    chunks = list(client.completions.create(stream=True, **kwargs))
-    assert "".join(c.choices[0].text for c in chunks if c.choices) == full
+def test_streaming_sends_committed_blocks_before_the_end(client):
+    """A stream carries the canvas's committed prefix while the request is still
+    denoising (block 8 of 16 tokens, 4 steps per block: the first block is final
+    half-way), and adds up to the non-streamed output, on both endpoints."""
+    body = {"ignore_eos": True, "return_token_ids": True, **XARGS}
+    kwargs = dict(model="tiny-llada", prompt="abc", max_tokens=16, extra_body=body)
+    full = client.completions.create(**kwargs).choices[0]
+    assert len(full.token_ids) == 16
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kwargs)
+              if c.choices]
+    with_tokens = [c for c in chunks if c.token_ids]
+    assert len(with_tokens) >= 2
+    assert with_tokens[0].finish_reason is None
+    assert [t for c in chunks for t in (c.token_ids or [])] == list(full.token_ids)
+    assert "".join(c.text for c in chunks) == full.text
+
+    chat = dict(model="tiny-llada", messages=[{"role": "user", "content": "hello"}],
+                max_tokens=16, extra_body={"ignore_eos": True, **XARGS})
+    whole = client.chat.completions.create(**chat).choices[0].message.content
+    deltas = [c.choices[0].delta.content for c in
+              client.chat.completions.create(stream=True, **chat) if c.choices]
+    assert sum(1 for d in deltas if d) >= 2
+    assert "".join(d or "" for d in deltas) == whole
 
 
 @pytest.mark.parametrize(

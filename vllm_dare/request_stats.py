@@ -9,10 +9,12 @@ the one free-form per-request field vLLM carries from the engine to the client
   pass included: the NFE), ``denoising_steps`` (steps run), ``gen_length``;
 * ``"dare"`` (DARE backend only): reuse counts, see ``dare_stats.summarize``.
 
-The same channel carries the requests the worker had to fail
-(``report_failure`` / ``take_failures``): a request whose state the worker
-cannot explain is ended by the scheduler with ``finish_reason="error"``, and
-the engine goes on serving the others.
+The same channel carries two per-step reports (``report`` / ``take_reports``):
+the requests the worker had to fail (``report_failure``): a request whose
+state the worker cannot explain is ended by the scheduler with
+``finish_reason="error"``, and the engine goes on serving the others; and the
+committed canvas prefix of streaming requests (``report_committed``), which the
+scheduler sends to their clients while they are still denoising.
 
 Worker and scheduler share this module's dictionary when they share a process
 (vLLM's single-process executor: one GPU, or ``LLM`` with
@@ -38,7 +40,7 @@ import threading
 _lock = threading.Lock()
 _pending: dict[str, dict] = {}
 _MAX_PENDING = 100_000  # bound for figures nobody collects
-_failures: dict[str, str] = {}
+_reports: dict[str, dict] = {}  # kind -> request id -> report
 SECTIONS = ("dllm", "dare")
 
 
@@ -97,43 +99,65 @@ def take(req_id: str, prefix: str | None = None) -> dict | None:
         return _pending.pop(req_id, None)
 
 
-def _failures_file(prefix: str) -> str:
-    return f"{prefix}failures.json"
+def _reports_file(prefix: str, kind: str) -> str:
+    return f"{prefix}{kind}.json"
+
+
+def report(kind: str, updates: dict[str, object], prefix: str | None = None) -> None:
+    """Record per-request reports of one step (``kind``: ``"failures"``,
+    ``"committed"``), merged with those not yet taken. The scheduler reads them
+    after the step (``take_reports``); steps are synchronous, so the worker never
+    writes while it reads."""
+    if not updates:
+        return
+    if prefix is None:
+        with _lock:
+            _reports.setdefault(kind, {}).update(updates)
+        return
+    path = _reports_file(prefix, kind)
+    try:
+        with open(path) as f:
+            reports = json.load(f)
+    except FileNotFoundError:
+        reports = {}
+    reports.update(updates)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(reports, f)
+    os.replace(tmp, path)
+
+
+def take_reports(kind: str, prefix: str | None = None) -> dict:
+    """The reports of ``kind`` since the last call: request id -> report."""
+    if prefix is None:
+        with _lock:
+            return _reports.pop(kind, {})
+    path = _reports_file(prefix, kind)
+    try:
+        with open(path) as f:
+            reports = json.load(f)
+    except FileNotFoundError:
+        return {}
+    os.unlink(path)
+    return reports
 
 
 def report_failure(req_id: str, reason: str, prefix: str | None = None) -> None:
-    """Record that the worker failed request ``req_id`` (why, in words). The
-    scheduler reads the step's failures after the step (``take_failures``);
-    steps are synchronous, so the worker never writes while it reads."""
-    if prefix is None:
-        with _lock:
-            _failures[req_id] = reason
-        return
-    path = _failures_file(prefix)
-    try:
-        with open(path) as f:
-            failures = json.load(f)
-    except FileNotFoundError:
-        failures = {}
-    failures[req_id] = reason
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(failures, f)
-    os.replace(tmp, path)
+    """Record that the worker failed request ``req_id`` (why, in words)."""
+    report("failures", {req_id: reason}, prefix)
 
 
 def take_failures(prefix: str | None = None) -> dict[str, str]:
     """The requests failed by the worker since the last call: id -> reason."""
-    if prefix is None:
-        with _lock:
-            failures = dict(_failures)
-            _failures.clear()
-        return failures
-    path = _failures_file(prefix)
-    try:
-        with open(path) as f:
-            failures = json.load(f)
-    except FileNotFoundError:
-        return {}
-    os.unlink(path)
-    return failures
+    return take_reports("failures", prefix)
+
+
+def report_committed(prefixes: dict[str, list[int]], prefix: str | None = None) -> None:
+    """Record the committed canvas prefix of streaming requests whose prefix
+    grew in this step (``core/committed_stream.py``)."""
+    report("committed", prefixes, prefix)
+
+
+def take_committed(prefix: str | None = None) -> dict[str, list[int]]:
+    """The committed prefixes reported since the last call: id -> tokens."""
+    return take_reports("committed", prefix)

@@ -44,11 +44,12 @@ from vllm.logger import init_logger
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.sched.diffusion_scheduler import DiffusionScheduler
 from vllm.v1.core.sched.request_queue import SchedulingPolicy, create_request_queue
-from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.outputs import DraftTokenIds
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_dare import request_stats
+from vllm_dare.core.committed_stream import CommittedStream, streams
 from vllm_dare.model_executor.denoising.params import (
     CFG_TWIN_OWNER_KEY,
     CFG_TWIN_SUFFIX,
@@ -96,6 +97,8 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
         self._rejected: list[Request] = []
         # owner request id -> its unconditional twin's id
         self._twins: dict[str, str] = {}
+        # Tokens streamed so far to each streaming request's client.
+        self._stream = CommittedStream(self._defaults.mask_token_id)
         # Workers in child processes leave finished requests' figures there.
         self._stats_channel = None
         if self.vllm_config.parallel_config.distributed_executor_backend == "mp":
@@ -415,9 +418,54 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
             logger.error("Request %s ended with finish_reason=error: %s", owner, reason)
         self._rejected += self.finish_requests(list(owners), RequestStatus.FINISHED_ERROR)
 
+    def _stream_committed(self, outputs) -> None:
+        """Send each streaming request that is still denoising the new tokens
+        of the committed prefix its worker reported this step
+        (``committed_stream``). A request whose canvas disagrees with what it was
+        sent is ended with finish_reason "error"."""
+        for req_id, prefix in request_stats.take_committed(self._stats_channel).items():
+            request = self.requests.get(req_id)
+            if (request is None or request.is_finished()
+                    or not streams(request.sampling_params)):
+                continue
+            try:
+                new = self._stream.new_tokens(request, prefix)
+            except ValueError as e:
+                logger.error("Request %s ended with finish_reason=error: %s", req_id, e)
+                self._rejected += self.finish_requests([req_id], RequestStatus.FINISHED_ERROR)
+                continue
+            if not new:
+                continue
+            prefill_stats = request.take_prefill_stats()
+            if prefill_stats is not None:
+                prefill_stats.finalize(self.kv_cache_manager.estimate_cached_tokens(request))
+            output = EngineCoreOutput(
+                request_id=req_id,
+                new_token_ids=new,
+                events=request.take_events(),
+                prefill_stats=prefill_stats,
+                trace_headers=request.trace_headers,
+            )
+            if request.client_index in outputs:
+                outputs[request.client_index].outputs.append(output)
+            else:
+                outputs[request.client_index] = EngineCoreOutputs(outputs=[output])
+
+    def _without_streamed_tokens(self, output: EngineCoreOutput) -> None:
+        """A finished request's last output carries only what was not streamed."""
+        try:
+            output.new_token_ids = self._stream.rest_of_output(
+                output.request_id, list(output.new_token_ids))
+        except ValueError as e:
+            logger.error("Request %s ended with finish_reason=error: %s",
+                         output.request_id, e)
+            output.new_token_ids = []
+            output.finish_reason = FinishReason.ERROR
+
     def update_from_output(self, scheduler_output, model_runner_output):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         self._end_failed_requests()
+        self._stream_committed(outputs)
         for request in self._rejected:
             output = EngineCoreOutput(
                 request_id=request.request_id,
@@ -447,6 +495,8 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
             engine_outputs.outputs = kept
             for output in engine_outputs.outputs:
                 if output.finish_reason is not None:
+                    if self._stream.sent:
+                        self._without_streamed_tokens(output)
                     stats = request_stats.take(output.request_id, self._stats_channel)
                     if stats is not None:
                         output.kv_transfer_params = {
@@ -456,6 +506,8 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
                 engine_outputs.finished_requests = {
                     r for r in engine_outputs.finished_requests if not is_cfg_twin(r)
                 }
+        if self._stream.sent:
+            self._stream.forget(self.requests)
         return outputs
 
     def update_draft_token_ids(self, draft_token_ids: DraftTokenIds) -> None:

@@ -36,6 +36,7 @@ from vllm_dare.attention_backends import dare_stats
 from vllm_dare.attention_backends.dare_settings import DareSettings
 from vllm_dare.cache_policies import CachePolicy, make_policy
 from vllm_dare.cache_policies import work_counters
+from vllm_dare.core.committed_stream import streams
 from vllm_dare.model_executor.denoising.denoisers import Denoiser, make_denoiser
 from vllm_dare.model_executor.denoising.params import (
     CFG_TWIN_OWNER_KEY,
@@ -97,6 +98,8 @@ class DenoisingSampler:
         self.stats_channel = None
         # Model forwards that processed each slot's request (its NFE).
         self.forwards: dict[int, int] = {}
+        # Streaming requests: the committed prefix length reported so far.
+        self.streamed: dict[int, int] = {}
         # Filled by the ModelState before add_request: slot <-> request id.
         self.req_id_of_slot: dict[int, str] = {}
         max_reqs = self.req_states.draft_tokens.shape[0]
@@ -116,6 +119,8 @@ class DenoisingSampler:
         owner = extra.get(CFG_TWIN_OWNER_KEY)
         self.states[req_idx] = denoiser if owner is None else CfgTwin(owner, denoiser.canvas)
         self.policies[req_idx] = make_policy(params)
+        if owner is None and streams(sampling_params):
+            self.streamed[req_idx] = 0
         dare = request_dare_settings(extra, self.defaults)
         if dare is not None:
             self.dare_settings[req_idx] = dare
@@ -130,6 +135,7 @@ class DenoisingSampler:
         self.policies.pop(req_idx, None)
         self.plan_failures.pop(req_idx, None)
         self.computed_rows.pop(req_idx, None)
+        self.streamed.pop(req_idx, None)
 
     def _fail(self, req_id: str, slot: int, exc: Exception) -> None:
         """End one request (the scheduler finishes it with finish_reason
@@ -140,6 +146,7 @@ class DenoisingSampler:
                      exc_info=not isinstance(exc, DenoisingStateError))
         self.states.pop(slot, None)
         self.policies.pop(slot, None)
+        self.streamed.pop(slot, None)
         if self.publish_stats:
             request_stats.report_failure(req_id, reason, self.stats_channel)
 
@@ -220,6 +227,17 @@ class DenoisingSampler:
                     "num_layers": self.dare_runtime.num_layers,
                 }, self.stats_channel)
 
+        committed: dict[str, list[int]] = {}
+
+        def report_committed(slot: int, req_id: str, canvas: torch.Tensor) -> None:
+            """A streaming request's committed prefix (leading unmasked tokens),
+            when it grew."""
+            unmasked = (canvas != self.defaults.mask_token_id).to(torch.int32)
+            n = int(torch.cumprod(unmasked, 0).sum())
+            if n > self.streamed[slot]:
+                self.streamed[slot] = n
+                committed[req_id] = canvas[:n].tolist()
+
         def step_request(i: int, slot: int, state) -> None:
             self.forwards[slot] = self.forwards.get(slot, 0) + 1
             failure = self.plan_failures.pop(slot, None)
@@ -275,6 +293,8 @@ class DenoisingSampler:
                 drafts[slot, :n] = state.canvas
                 if twin_slot is not None:
                     drafts[twin_slot, :n] = state.canvas
+                if slot in self.streamed:
+                    report_committed(slot, input_batch.req_ids[i], state.canvas)
 
         for i in range(num_reqs):
             slot = int(slots[i])
@@ -288,6 +308,8 @@ class DenoisingSampler:
                 num_sampled[i] = 0
                 num_rejected[i] = (int(input_batch.num_computed_tokens_np[i])
                                    + int(query_lens[i]))
+        if committed and self.publish_stats:
+            request_stats.report_committed(committed, self.stats_channel)
         return SamplerOutput(
             sampled_token_ids=sampled,
             logprobs_tensors=None,
