@@ -44,7 +44,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
-from vllm_dare.attention_backends.dare_settings import (  # noqa: E402
+from vllm_dare.cache_policies.dare_reuse import (  # noqa: E402
     DareSettings,
     fixed_engine_settings_arg,
 )
@@ -145,7 +145,7 @@ def run_mode(llm, mode: Mode, family: str, task_items: dict, args) -> dict:
     """One mode over every task: outputs, seconds, per-request stats, DARE traces."""
     from vllm import SamplingParams
 
-    from vllm_dare.attention_backends import dare_stats
+    from vllm_dare.cache_policies import dare_counters
     from vllm_dare.training.tasks import TASKS
 
     result = {}
@@ -155,11 +155,11 @@ def run_mode(llm, mode: Mode, family: str, task_items: dict, args) -> dict:
         params = SamplingParams(max_tokens=gen, extra_args=extra)
         prompts = [{"prompt_token_ids": ids} for ids, _ in items]
         if mode.engine == "dare":
-            dare_stats.start_trace()
+            dare_counters.start_trace()
         start = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
-        trace = dare_stats.stop_trace() if mode.engine == "dare" else None
+        trace = dare_counters.stop_trace() if mode.engine == "dare" else None
         result[task] = {"outputs": outs, "seconds": seconds, "trace": trace, "extra": extra}
     return result
 

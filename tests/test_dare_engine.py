@@ -118,7 +118,7 @@ def test_guidance_twin_follows_its_owners_blocks_and_candidates(engines, tiny_ll
     candidates. With tau above any delta, recomputing the candidates then costs 28
     rows per block and layer for each of the two (see the test above), counted in
     the engine-wide per-layer totals."""
-    from vllm_dare.attention_backends import dare_stats
+    from vllm_dare.cache_policies import dare_counters
 
     llm = _dare(engines, tiny_llada, "kv+o", 0.05)
     ids = [llm.get_tokenizer().encode(PROMPTS[1])]
@@ -126,9 +126,9 @@ def test_guidance_twin_follows_its_owners_blocks_and_candidates(engines, tiny_ll
             "dare_tau_kv": 1e6, "dare_tau_o": 1e6}
 
     def reused(extra):
-        before = dare_stats.layer_totals()
+        before = dare_counters.layer_totals()
         _run(llm, ids, 16, extra)
-        return dare_stats.layer_totals() - before
+        return dare_counters.layer_totals() - before
 
     plain = reused(base)
     guarded = reused({**base, "dare_recompute_candidates": True})
@@ -242,14 +242,14 @@ def test_max_mode_sizes_the_cache_and_limits_requests(engines, tiny_llada):
     ({"max_mode": "off", "mode": "o"}, "max_mode 'off', which serves modes off\\)"),
 ])
 def test_engine_max_mode_errors(config, message):
-    from vllm_dare.attention_backends.dare_settings import DareSettings
+    from vllm_dare.cache_policies.dare_reuse import DareSettings
 
     with pytest.raises(ValueError, match=message):
         DareSettings.from_engine_config(config)
 
 
 def test_engine_mode_defaults_to_max_mode():
-    from vllm_dare.attention_backends.dare_settings import DareSettings
+    from vllm_dare.cache_policies.dare_reuse import DareSettings
 
     assert DareSettings.from_engine_config({"max_mode": "kv"}).mode == "kv"
     assert DareSettings.from_engine_config({"max_mode": "kv", "mode": "off"}).mode == "off"

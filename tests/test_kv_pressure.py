@@ -17,6 +17,7 @@ import time
 import pytest
 from engine_steps import run_engine
 from vllm import SamplingParams
+from vllm.sampling_params import RequestOutputKind
 
 from vllm_dare.core.whole_sequence_scheduler import is_cfg_twin
 from vllm_dare.reference import llada_generate, load_reference_model
@@ -215,17 +216,19 @@ def _worker_state(llm) -> dict[str, int]:
     """Sizes of the worker's per-request bookkeeping (in-process engine)."""
     runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
     state, sampler = runner.model_state, runner.model_state.sampler
-    return {"slots": len(state._slot_of), "prev_inputs": len(state._prev_inputs),
-            "forwards": len(state._forwards), "denoisers": len(sampler.states),
-            "req_ids": len(sampler.req_id_of_slot), "dare_settings": len(sampler.dare_settings),
-            "dare_counts": len(sampler.dare_counts), "nfe": len(sampler.forwards),
-            "cache_policies": len(sampler.policies), "computed_rows": len(sampler.computed_rows)}
+    dare = sampler.dare
+    return {"slots": len(state._slot_of), "dare_prev_inputs": len(dare._prev_inputs),
+            "dare_forwards": len(dare._forwards), "denoisers": len(sampler.states),
+            "req_ids": len(sampler.req_id_of_slot), "dare_settings": len(dare.settings),
+            "dare_counts": len(dare.counts), "nfe": len(sampler.forwards),
+            "cache_policies": len(sampler.policies), "computed_rows": len(sampler.computed_rows),
+            "streamed": len(sampler.streamed)}
 
 
 def test_aborted_requests_free_their_blocks_twins_and_worker_state(small_kv_engine):
-    """Aborting running requests (a guided one with its twin, and a DARE one)
-    gives every KV-cache block back and leaves no per-request state in the
-    scheduler or the worker; the engine then serves as before."""
+    """Aborting running requests (a guided one with its twin, and a DARE one
+    that streams) gives every KV-cache block back and leaves no per-request
+    state in the scheduler or the worker; the engine then serves as before."""
     llm = small_kv_engine()
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
@@ -233,14 +236,17 @@ def test_aborted_requests_free_their_blocks_twins_and_worker_state(small_kv_engi
     ids = [llm.get_tokenizer().encode(p) for p in (PROMPTS[0], PROMPTS[3])]
     rids = [f"abort-{k}-{time.monotonic_ns()}" for k in range(2)]
 
-    def params(**extra):  # 16 positions: the pair and the other fit in 6 blocks
-        return SamplingParams(max_tokens=16, ignore_eos=True,
+    def params(stream=False, **extra):  # 16 positions: the pair and the other fit in 6 blocks
+        kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+        return SamplingParams(max_tokens=16, ignore_eos=True, output_kind=kind,
                               extra_args={"dllm_steps": 16, "dllm_block_length": 8, **extra})
 
     engine.add_request(rids[0], {"prompt_token_ids": ids[0]}, params(dllm_cfg_scale=1.0))
-    engine.add_request(rids[1], {"prompt_token_ids": ids[1]}, params(dare_mode="kv+o"))
+    engine.add_request(rids[1], {"prompt_token_ids": ids[1]},
+                       params(stream=True, dare_mode="kv+o"))
     for _ in range(3):
         assert not any(o.finished for o in engine.step())
+    assert _worker_state(llm)["streamed"] == 1
     assert len(scheduler.running) == 3  # the guided request, its twin, the DARE one
     assert any(is_cfg_twin(r.request_id) for r in scheduler.running)
     assert pool.get_num_free_blocks() < USABLE_BLOCKS
@@ -248,6 +254,7 @@ def test_aborted_requests_free_their_blocks_twins_and_worker_state(small_kv_engi
     engine.abort_request(rids)
     engine.step()  # the worker hears of the finished requests at the next step
     assert not scheduler.requests and not scheduler.running and not scheduler._twins
+    assert not scheduler._stream.sent
     assert pool.get_num_free_blocks() == USABLE_BLOCKS
     assert set(_worker_state(llm).values()) == {0}, _worker_state(llm)
     assert not sampler_of(llm).plan_failures
@@ -257,4 +264,5 @@ def test_aborted_requests_free_their_blocks_twins_and_worker_state(small_kv_engi
     for _ in range(2):
         outs = _run_engine(llm, [(ids[1], _params(dare_mode="kv+o"))])
         assert len(outs[0].outputs[0].token_ids) == GEN
+        # (SamplingParams' default output_kind, CUMULATIVE, streams)
         assert set(_worker_state(llm).values()) == {1}, _worker_state(llm)

@@ -7,7 +7,7 @@ the one free-form per-request field vLLM carries from the engine to the client
 
 * ``"dllm"``: ``forwards`` (model forwards that processed the request, the prompt
   pass included: the NFE), ``denoising_steps`` (steps run), ``gen_length``;
-* ``"dare"`` (DARE backend only): reuse counts, see ``dare_stats.summarize``.
+* ``"dare"`` (DARE backend only): reuse counts, see ``cache_policies/dare_counters.summarize``.
 
 The same channel carries two per-step reports (``report`` / ``take_reports``):
 the requests the worker had to fail (``report_failure``): a request whose

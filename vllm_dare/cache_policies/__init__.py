@@ -5,6 +5,11 @@ the modules are found here by name, so adding a method edits nothing else. A
 request picks its policy with the ``dllm_cache`` knob (engine default:
 ``--additional-config '{"dllm_cache": ...}'``); the worker turns the requests'
 ``ForwardPlan`` s into one batch-wide ``StepPlan`` (``step_plan.py``).
+
+DARE works on top of any of them: per fed token and layer it decides whether the
+token's K/V and attention output are reused (``dare_reuse.py``: settings,
+forced-row rules, per-request counts; ``dare_counters.py``: engine-wide
+counters). ``work_counters.py`` counts the token-layer rows the forwards computed.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from vllm_dare.cache_policies.base import (
     ForwardPlan,
 )
 
-_NOT_POLICIES = {"base", "step_plan"}
+_NOT_POLICIES = {"base", "step_plan", "work_counters", "dare_reuse", "dare_counters"}
 
 
 @lru_cache(maxsize=1)

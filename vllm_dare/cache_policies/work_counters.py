@@ -3,7 +3,7 @@
 Per forward and layer, a scheduled token is either fed (its row is computed:
 embedding, projections, attention, MLP) or left to the KV cache by its request's
 cache policy. Two counters, created in the engine process like DARE's (see
-``attention_backends/dare_stats.py`` for when they reach ``/metrics``):
+``dare_counters.py`` for when they reach ``/metrics``):
 
 * ``vllm_dare:scheduled_rows_total{model_name}`` -- token-layer rows an exact
   forward over the scheduled tokens would compute;

@@ -193,7 +193,7 @@ class DenoisingEngineConfig(VerifyAndUpdateConfig):
         before plugins load, and vLLM's CPU platform (which only runs CPU_ATTN)
         does not override it.
         """
-        from vllm_dare.attention_backends.dare_settings import DareSettings
+        from vllm_dare.cache_policies.dare_reuse import DareSettings
 
         attention_config = vllm_config.attention_config
         backend = attention_config.backend

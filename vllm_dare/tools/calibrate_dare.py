@@ -20,7 +20,7 @@ import platform
 import time
 from pathlib import Path
 
-from vllm_dare.attention_backends.dare_settings import DareSettings, fixed_engine_settings_arg
+from vllm_dare.cache_policies.dare_reuse import DareSettings, fixed_engine_settings_arg
 
 
 def _task_prompts(tokenizer, n: int):

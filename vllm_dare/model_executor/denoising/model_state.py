@@ -12,9 +12,8 @@ Everything vLLM's default state does, plus what a masked diffusion model needs:
   tokens only (``prepare_inputs``), with attention metadata for them
   (``prepare_attn``), and logits are read for those positions only;
 * freed host memory handed back to the OS as requests finish (``heap_trim``);
-* with the DARE backend, the step's per-token reuse inputs (thresholds of each
-  request, and the tokens that must be recomputed: a request's first forwards,
-  refresh steps, tokens whose input id changed since the previous step).
+* with the DARE backend, the step's per-token reuse inputs, narrowed to the fed
+  tokens (the rules: ``cache_policies/dare_reuse.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ from vllm_dare import request_stats
 from vllm_dare.cache_policies import FEED_ALL, DenoisingView
 from vllm_dare.cache_policies.step_plan import RequestForward, StepPlan, build_step_plan
 from vllm_dare.heap_trim import HeapTrimmer
-from vllm_dare.attention_backends.dare_layer_step import DareStepInputs
 from vllm_dare.model_executor.denoising.params import DenoisingDefaults
 from vllm_dare.model_executor.denoising.sampler import CfgTwin, DenoisingSampler
 
@@ -59,9 +57,6 @@ class DenoisingModelState(DefaultModelState):
             if vllm_config.parallel_config.distributed_executor_backend == "mp"
             else None
         )
-        # DARE bookkeeping per slot: input ids of the previous forward, forwards run.
-        self._prev_inputs: dict[int, torch.Tensor] = {}
-        self._forwards: dict[int, int] = {}
         self.heap_trimmer = HeapTrimmer()
         self.num_layers = len(model.model.layers)
         # The plan of the forward being prepared (None for dummy batches).
@@ -88,11 +83,8 @@ class DenoisingModelState(DefaultModelState):
     def remove_request(self, req_id: str) -> None:
         super().remove_request(req_id)
         slot = self._slot_of.pop(req_id, None)
-        if slot is not None:
-            self._prev_inputs.pop(slot, None)
-            self._forwards.pop(slot, None)
-            if self.sampler is not None:
-                self.sampler.remove_request(slot)
+        if slot is not None and self.sampler is not None:
+            self.sampler.remove_request(slot)
         self.heap_trimmer.requests_finished()
 
     def prepare_inputs(self, input_batch, req_states) -> dict[str, Any]:
@@ -120,62 +112,13 @@ class DenoisingModelState(DefaultModelState):
             self.dare_runtime.begin_step(None, 0)
         return super().prepare_dummy_inputs(num_reqs, num_tokens)
 
-    def _dare_step(self, input_batch) -> DareStepInputs | None:
-        """Per-token DARE inputs of this forward (None for dummy batches)."""
+    def _dare_step(self, input_batch):
+        """Per-token DARE inputs of this forward (None for dummy batches); the
+        rules are DARE's (``cache_policies/dare_reuse.py``)."""
         if self.sampler is None:
             return None
-        num_reqs = input_batch.num_reqs
-        T = input_batch.num_tokens
-        starts = input_batch.query_start_loc_np[: num_reqs + 1]
-        num_logits = np.diff(input_batch.cu_num_logits_np[: num_reqs + 1])
-        input_ids = input_batch.input_ids[:T]
-        force = torch.ones(T, dtype=torch.bool, device=self.device)
-        tau_kv = torch.zeros(T, dtype=torch.float32, device=self.device)
-        tau_o = torch.zeros(T, dtype=torch.float32, device=self.device)
-        kv_ref = torch.ones(T, dtype=torch.bool, device=self.device)
-        any_reuse = keeps_reference = keeps_o = False
-        for i in range(num_reqs):
-            slot = int(input_batch.idx_mapping_np[i])
-            settings = self.sampler.dare_settings.get(slot)
-            if settings is None:
-                continue
-            a, b = int(starts[i]), int(starts[i + 1])
-            ids = input_ids[a:b]
-            prev = self._prev_inputs.get(slot)
-            self._prev_inputs[slot] = ids.clone()
-            forwards = self._forwards.get(slot, 0)
-            self._forwards[slot] = forwards + 1
-            kv_ref[a:b] = settings.reuses_kv
-            if not (settings.reuses_kv or settings.reuses_o):
-                continue
-            keeps_reference = True  # from its first forward on: later steps read it
-            keeps_o = keeps_o or settings.reuses_o
-            if num_logits[i] == 0 or prev is None or prev.shape != ids.shape:
-                continue  # prompt pass or first forward over the full sequence
-            if settings.refresh_interval and forwards % settings.refresh_interval == 0:
-                continue
-            # The denoiser whose step this forward's logits decide: a guidance
-            # twin's logits steer its owner's step, so it follows the owner's blocks
-            # and candidates.
-            deciding = self._deciding_denoiser(slot)
-            if (
-                settings.refresh_at_block_start
-                and deciding is not None
-                and deciding.at_block_start()
-            ):
-                continue
-            force[a:b] = ids != prev  # tokens whose input changed
-            if settings.recompute_candidates and deciding is not None:
-                # The hidden rows whose logits pick this step's tokens (Dream reads
-                # position p's logits from row p - 1).
-                candidates = deciding.candidates(settings.candidate_limit)
-                first = a + int(input_batch.prefill_len_np[i]) + self.logits_position_offset
-                force[first + candidates.nonzero().squeeze(-1)] = True
-            tau_kv[a:b] = settings.tau_kv if settings.reuses_kv else 0.0
-            tau_o[a:b] = settings.tau_o if settings.reuses_o else 0.0
-            any_reuse = True
-        return DareStepInputs(force, tau_kv, tau_o, kv_ref, any_reuse,
-                              keeps_reference=keeps_reference, keeps_o=keeps_o)
+        return self.sampler.dare.step_inputs(input_batch, self._deciding_denoiser,
+                                             self.logits_position_offset)
 
     def _deciding_denoiser(self, slot: int):
         """The denoiser whose step a forward of ``slot`` serves: its own, or for a

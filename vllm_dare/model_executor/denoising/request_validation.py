@@ -21,6 +21,7 @@ from functools import lru_cache
 import torch
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor
 
+from vllm_dare.cache_policies.dare_reuse import request_settings
 from vllm_dare.model_executor.denoising.params import DenoisingDefaults, resolve_params
 
 _PREFIX = "DenoisingRequestValidator_"
@@ -34,22 +35,7 @@ def validate_request(sampling_params, defaults: DenoisingDefaults) -> None:
             "served by vllm-dare"
         )
     resolve_params(sampling_params.extra_args, sampling_params.max_tokens, defaults)
-    request_dare_settings(sampling_params.extra_args, defaults)
-
-
-def request_dare_settings(extra_args, defaults: DenoisingDefaults):
-    """The request's DARE settings, or None when the engine does not run DARE."""
-    from vllm_dare.attention_backends.dare_settings import DareSettings
-
-    uses_dare_keys = any(k.startswith("dare_") for k in (extra_args or {}))
-    if defaults.dare is None:
-        if uses_dare_keys:
-            raise ValueError(
-                "dare_* knobs need the DARE attention backend "
-                "(--attention-backend dare)"
-            )
-        return None
-    return DareSettings(**defaults.dare).for_request(extra_args)
+    request_settings(sampling_params.extra_args, defaults.dare)
 
 
 class _DenoisingRequestValidator(LogitsProcessor):

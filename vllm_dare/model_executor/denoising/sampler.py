@@ -32,10 +32,9 @@ import torch
 from vllm.logger import init_logger
 
 from vllm_dare import request_stats
-from vllm_dare.attention_backends import dare_stats
-from vllm_dare.attention_backends.dare_settings import DareSettings
 from vllm_dare.cache_policies import CachePolicy, make_policy
 from vllm_dare.cache_policies import work_counters
+from vllm_dare.cache_policies.dare_reuse import DareRequests, request_settings
 from vllm_dare.core.committed_stream import streams
 from vllm_dare.model_executor.denoising.denoisers import Denoiser, make_denoiser
 from vllm_dare.model_executor.denoising.params import (
@@ -44,7 +43,6 @@ from vllm_dare.model_executor.denoising.params import (
     DenoisingDefaults,
     resolve_params,
 )
-from vllm_dare.model_executor.denoising.request_validation import request_dare_settings
 
 logger = init_logger(__name__)
 
@@ -86,9 +84,9 @@ class DenoisingSampler:
         self.num_layers = 0  # set by the ModelState
         # Token-layer rows the forwards computed for each slot's request.
         self.computed_rows: dict[int, int] = {}
-        # DARE (only with the DARE backend): settings and reuse counters per slot.
-        self.dare_settings: dict[int, DareSettings] = {}
-        self.dare_counts: dict[int, np.ndarray] = {}
+        # DARE (only with the DARE backend): per-request settings, forced-row
+        # bookkeeping and reuse counts.
+        self.dare = DareRequests(device)
         self.dare_runtime = None  # set by the ModelState
         self.model_name = ""  # Prometheus label, set by the ModelState
         # Where finished requests' figures go (``request_stats``), set by the
@@ -121,16 +119,12 @@ class DenoisingSampler:
         self.policies[req_idx] = make_policy(params)
         if owner is None and streams(sampling_params):
             self.streamed[req_idx] = 0
-        dare = request_dare_settings(extra, self.defaults)
-        if dare is not None:
-            self.dare_settings[req_idx] = dare
-            self.dare_counts[req_idx] = np.zeros(3, dtype=np.int64)
+        self.dare.add(req_idx, request_settings(extra, self.defaults.dare))
 
     def remove_request(self, req_idx: int) -> None:
         self.states.pop(req_idx, None)
         self.req_id_of_slot.pop(req_idx, None)
-        self.dare_settings.pop(req_idx, None)
-        self.dare_counts.pop(req_idx, None)
+        self.dare.remove(req_idx)
         self.forwards.pop(req_idx, None)
         self.policies.pop(req_idx, None)
         self.plan_failures.pop(req_idx, None)
@@ -191,20 +185,9 @@ class DenoisingSampler:
             return logits[a:b], positions
 
         if self.dare_runtime is not None and self.dare_runtime.num_reqs == num_reqs:
-            step_counts = self.dare_runtime.request_counts.cpu().numpy()
-            dare_stats.record_layers(self.dare_runtime.layer_counts,
-                                     self.model_name)
-            debug = logger.isEnabledFor(logging.DEBUG)
-            for i in range(num_reqs):
-                counts = self.dare_counts.get(int(slots[i]))
-                if counts is not None:
-                    counts += step_counts[i]
-                    if debug:
-                        tokens, kv, o = (int(x) for x in step_counts[i])
-                        logger.debug(
-                            "DARE %s: %d token-layer rows, K/V reused %d, O reused %d "
-                            "(settings %s)", input_batch.req_ids[i], tokens, kv, o,
-                            self.dare_settings.get(int(slots[i])))
+            self.dare.record_step(
+                self.dare_runtime, slots, input_batch.req_ids, self.model_name,
+                log=logger.debug if logger.isEnabledFor(logging.DEBUG) else None)
 
         def emit(i: int, canvas: torch.Tensor) -> None:
             sampled[i, : canvas.shape[0]] = canvas.to(torch.int32)
@@ -220,12 +203,9 @@ class DenoisingSampler:
                 "denoising_steps": getattr(state, "steps_run", 0),
                 "gen_length": int(canvas.shape[0]),
             }, self.stats_channel)
-            counts = self.dare_counts.get(slot)
-            if counts is not None:
-                request_stats.put(req_id, "dare", {
-                    **dare_stats.summarize(counts),
-                    "num_layers": self.dare_runtime.num_layers,
-                }, self.stats_channel)
+            dare = self.dare.figures(slot, self.num_layers)
+            if dare is not None:
+                request_stats.put(req_id, "dare", dare, self.stats_channel)
 
         committed: dict[str, list[int]] = {}
 

@@ -13,7 +13,7 @@ from vllm.model_executor.models.utils import maybe_prefix
 
 from vllm_dare.attention_backends.dare_layer_step import DareRuntime
 from vllm_dare.vllm_compat import feed_slot_mappings
-from vllm_dare.attention_backends.dare_settings import DareSettings
+from vllm_dare.cache_policies.dare_reuse import DareSettings
 from vllm_dare.model_executor.denoising.model_state import DenoisingModelState
 
 
