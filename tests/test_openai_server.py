@@ -189,7 +189,7 @@ def test_cache_policy_rows_in_prometheus_metrics(server):
 def test_per_request_figures_come_back_in_the_response(server):
     """vLLM's CPU platform runs the server's worker in a child process of the
     engine core (multiprocess executor): the figures cross processes
-    (``request_stats`` channel) and arrive as the response's kv_transfer_params."""
+    (``vllm_compat``'s worker-to-scheduler channel) and arrive as the response's kv_transfer_params."""
     xargs = {"dllm_steps": 8, "dllm_block_length": 8,
              "dare_mode": "kv+o", "dare_tau_kv": 0.5, "dare_tau_o": 0.5}
     r = requests.post(server + "/v1/completions", timeout=120, json={

@@ -164,48 +164,54 @@ def test_dare_backend_refuses_models_it_cannot_serve(engines, tmp_path):
 
 
 def test_request_figures_cross_processes_through_the_channel(tmp_path, monkeypatch):
-    """The multiprocess-executor path of ``request_stats``: what a worker puts
-    under a request id (free text) the scheduler takes once, by section; nothing
+    """The multiprocess-executor path of ``vllm_compat``'s worker-to-scheduler
+    channel: what a worker puts under a request id (free text) the scheduler takes once, by section; nothing
     is left behind, and another engine's figures are not touched."""
     import tempfile
 
-    from vllm_dare import request_stats
+    from vllm_dare import vllm_compat
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    mine, other = request_stats.channel(1234), request_stats.channel(12345)
+    mine, other = vllm_compat.stats_channel(1234), vllm_compat.stats_channel(12345)
     (tmp_path / "vllm-dare-request-stats-1234-stale.dllm.json").write_text("{}")
-    request_stats.clear_channel(mine)
+    vllm_compat.clear_stats_channel(mine)
     assert list(tmp_path.iterdir()) == []
     req_id = "cmpl/../weird id \u00fc-0"
-    request_stats.put(req_id, "dllm", {"forwards": 9}, mine)
-    request_stats.put(req_id, "dare", {"kv_reused": 3}, mine)
-    request_stats.put(req_id, "dllm", {"forwards": 2}, other)
-    assert request_stats.take(req_id) is None  # not in this process's store
-    assert request_stats.take(req_id, mine) == {"dllm": {"forwards": 9},
+    vllm_compat.put_request_figures(req_id, "dllm", {"forwards": 9}, mine)
+    vllm_compat.put_request_figures(req_id, "dare", {"kv_reused": 3}, mine)
+    vllm_compat.put_request_figures(req_id, "dllm", {"forwards": 2}, other)
+    assert vllm_compat.take_request_figures(req_id) is None  # not in this process's store
+    assert vllm_compat.take_request_figures(req_id, mine) == {"dllm": {"forwards": 9},
                                                 "dare": {"kv_reused": 3}}
-    assert request_stats.take(req_id, mine) is None
+    assert vllm_compat.take_request_figures(req_id, mine) is None
     assert [p.name.startswith("vllm-dare-request-stats-12345-") for p in tmp_path.iterdir()] == [True]
-    request_stats.clear_channel(mine)
-    assert request_stats.take(req_id, other) == {"dllm": {"forwards": 2}}
+    vllm_compat.clear_stats_channel(mine)
+    assert vllm_compat.take_request_figures(req_id, other) == {"dllm": {"forwards": 2}}
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("in_process", [True, False])
 def test_failed_requests_reach_the_scheduler_once(tmp_path, monkeypatch, in_process):
     """What the worker fails in a step, the scheduler takes after it, once, with
-    the reason: through this process's store or the engine's channel."""
+    the reason: through this process's store or the engine's channel; the
+    latest report per request of another kind likewise, kept apart."""
     import tempfile
 
-    from vllm_dare import request_stats
+    from vllm_dare import vllm_compat
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    prefix = None if in_process else request_stats.channel(4321)
-    assert request_stats.take_failures(prefix) == {}
-    request_stats.report_failure("a", "DenoisingStateError: got 3, expected 4", prefix)
-    request_stats.report_failure("b::dllm-cfg-uncond", "ValueError: x", prefix)
-    assert request_stats.take_failures(prefix) == {
+    prefix = None if in_process else vllm_compat.stats_channel(4321)
+    assert vllm_compat.take_step_reports("failures", prefix) == {}
+    vllm_compat.report_step("failures", {"a": "DenoisingStateError: got 3, expected 4"}, prefix)
+    vllm_compat.report_step("failures", {"b::dllm-cfg-uncond": "ValueError: x"}, prefix)
+    assert vllm_compat.take_step_reports("failures", prefix) == {
         "a": "DenoisingStateError: got 3, expected 4", "b::dllm-cfg-uncond": "ValueError: x"}
-    assert request_stats.take_failures(prefix) == {}
+    assert vllm_compat.take_step_reports("failures", prefix) == {}
+    # Another kind of report (streaming's committed prefixes) is kept apart.
+    vllm_compat.report_step("committed", {"a": [5, 6]}, prefix)
+    vllm_compat.report_step("committed", {"a": [5, 6, 7]}, prefix)
+    assert vllm_compat.take_step_reports("failures", prefix) == {}
+    assert vllm_compat.take_step_reports("committed", prefix) == {"a": [5, 6, 7]}
     assert list(tmp_path.iterdir()) == []
 
 

@@ -27,6 +27,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from vllm_dare.attention_backends.dare_cache_layout import DareCacheLayout
 from vllm_dare.attention_backends.dare_metadata import DareMetadata, full_sequence_len
+from vllm_dare.vllm_compat import classes_by_name
 
 
 class DareMetadataBuilder(AttentionMetadataBuilder[DareMetadata]):
@@ -170,7 +171,7 @@ def dare_backend_for(queries_per_kv: int, has_o: bool = True, has_qref: bool = T
                      ) -> type[DareAttentionBackend]:
     """The backend class of a layer (one class per head ratio and cache rows; its
     name, which vLLM may pickle, resolves in any process through this module's
-    ``__getattr__``)."""
+    ``__getattr__``: ``vllm_compat.classes_by_name``)."""
     return _backend_class(int(queries_per_kv), bool(has_o), bool(has_qref))
 
 
@@ -185,16 +186,18 @@ def _backend_class(queries_per_kv: int, has_o: bool, has_qref: bool
     )
 
 
-def __getattr__(name: str):
-    prefix = "DareAttentionBackend_"
-    if name.startswith(prefix):
-        ratio, _, rows = name[len(prefix):].partition("_")
-        flags = {v: k for k, v in _ROWS.items()}.get(rows or "oq")
-        if ratio.isdigit() and flags is not None:
-            return dare_backend_for(int(ratio), *flags)
-    prefix = "DareAttentionImpl_"
-    if name.startswith(prefix):
-        flags = {v: k for k, v in _ROWS.items()}.get(name[len(prefix):])
-        if flags is not None:
-            return _impl_for(*flags)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def _backend_named(suffix: str) -> type[DareAttentionBackend] | None:
+    ratio, _, rows = suffix.partition("_")
+    flags = {v: k for k, v in _ROWS.items()}.get(rows or "oq")
+    if ratio.isdigit() and flags is not None:
+        return dare_backend_for(int(ratio), *flags)
+    return None
+
+
+def _impl_named(suffix: str) -> type[DareAttentionImpl] | None:
+    flags = {v: k for k, v in _ROWS.items()}.get(suffix)
+    return None if flags is None else _impl_for(*flags)
+
+
+__getattr__ = classes_by_name(__name__, {"DareAttentionBackend_": _backend_named,
+                                         "DareAttentionImpl_": _impl_named})

@@ -3,7 +3,7 @@
 Per layer, in the engine process: tokens processed, K/V rows reused, O rows reused,
 summed over all forwards (``layer_totals``). Per request ``dare_reuse.DareRequests``
 sums the same counts over layers and steps and reports ``summarize(counts)``
-through ``vllm_dare.request_stats`` (``RequestOutput.kv_transfer_params["dare"]``).
+through ``vllm_compat``'s worker-to-scheduler channel (``RequestOutput.kv_transfer_params["dare"]``).
 
 The same per-layer counts are Prometheus counters (``prometheus_client``, created in
 the engine process; names below). They appear in ``vllm serve``'s ``/metrics`` when

@@ -11,7 +11,7 @@ ordinary engine outputs, and the final output carries the rest.
 The canvas lives on the worker (vLLM hands the scheduler placeholders for the
 draft tokens), so after each step the diffusion sampler reports, for each
 streaming request whose committed prefix grew, that prefix
-(``request_stats.report_committed``), and the scheduler sends the new part with
+(``vllm_compat.report_step("committed", ...)``), and the scheduler sends the new part with
 the same step's outputs: a token reaches the client with the output of the step
 that unmasked it.
 

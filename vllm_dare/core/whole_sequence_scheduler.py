@@ -48,7 +48,7 @@ from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.outputs import DraftTokenIds
 from vllm.v1.request import Request, RequestStatus
 
-from vllm_dare import request_stats
+from vllm_dare import vllm_compat
 from vllm_dare.core.committed_stream import CommittedStream, streams
 from vllm_dare.model_executor.denoising.params import (
     CFG_TWIN_OWNER_KEY,
@@ -90,8 +90,8 @@ def _take(queue, requests: list[Request]) -> None:
 class WholeSequenceDiffusionScheduler(DiffusionScheduler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        hf_config = self.vllm_config.model_config.hf_config
-        self._defaults = DenoisingDefaults.decode(hf_config.denoising_defaults)
+        self._defaults = DenoisingDefaults.decode(
+            vllm_compat.engine_settings(self.vllm_config))
         # Requests that can never be served, failed at the next schedule().
         self._unservable: set[str] = set()
         self._rejected: list[Request] = []
@@ -102,13 +102,13 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
         # Workers in child processes leave finished requests' figures there.
         self._stats_channel = None
         if self.vllm_config.parallel_config.distributed_executor_backend == "mp":
-            self._stats_channel = request_stats.channel(os.getpid())
-            request_stats.clear_channel(self._stats_channel)
+            self._stats_channel = vllm_compat.stats_channel(os.getpid())
+            vllm_compat.clear_stats_channel(self._stats_channel)
 
     def shutdown(self) -> None:
         super().shutdown()
         if self._stats_channel is not None:
-            request_stats.clear_channel(self._stats_channel)
+            vllm_compat.clear_stats_channel(self._stats_channel)
 
     # ------------------------------------------------------------------ admission
 
@@ -406,7 +406,7 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
         """Finish, with finish_reason "error", the requests the worker failed in
         this step (a guided request with its twin); their outputs leave with the
         rejected ones."""
-        failures = request_stats.take_failures(self._stats_channel)
+        failures = vllm_compat.take_step_reports("failures", self._stats_channel)
         if not failures:
             return
         owners = {}
@@ -423,7 +423,8 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
         of the committed prefix its worker reported this step
         (``committed_stream``). A request whose canvas disagrees with what it was
         sent is ended with finish_reason "error"."""
-        for req_id, prefix in request_stats.take_committed(self._stats_channel).items():
+        for req_id, prefix in vllm_compat.take_step_reports("committed",
+                                                            self._stats_channel).items():
             request = self.requests.get(req_id)
             if (request is None or request.is_finished()
                     or not streams(request.sampling_params)):
@@ -491,13 +492,14 @@ class WholeSequenceDiffusionScheduler(DiffusionScheduler):
                 if not is_cfg_twin(o.request_id):
                     kept.append(o)
                 elif o.finish_reason is not None:
-                    request_stats.take(o.request_id, self._stats_channel)  # the twin's
+                    vllm_compat.take_request_figures(o.request_id, self._stats_channel)  # the twin's
             engine_outputs.outputs = kept
             for output in engine_outputs.outputs:
                 if output.finish_reason is not None:
                     if self._stream.sent:
                         self._without_streamed_tokens(output)
-                    stats = request_stats.take(output.request_id, self._stats_channel)
+                    stats = vllm_compat.take_request_figures(output.request_id,
+                                                             self._stats_channel)
                     if stats is not None:
                         output.kv_transfer_params = {
                             **(output.kv_transfer_params or {}), **stats

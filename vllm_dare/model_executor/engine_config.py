@@ -23,6 +23,8 @@ from __future__ import annotations
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
+from vllm_dare import vllm_compat
+
 logger = init_logger(__name__)
 
 SCHEDULER_CLS = (
@@ -135,7 +137,7 @@ class DenoisingEngineConfig(VerifyAndUpdateConfig):
             dare=dare,
             cache=cls._cache_defaults(vllm_config),
         )
-        hf_config.denoising_defaults = defaults.encode()
+        vllm_compat.publish_engine_settings(vllm_config, defaults.encode())
         for key in _VLLM_SAMPLING_KEYS:
             model_config.override_generation_config[key] = None
         # A request without max_tokens gets the served canvas (the OpenAI
@@ -187,8 +189,9 @@ class DenoisingEngineConfig(VerifyAndUpdateConfig):
     def _dare_settings(vllm_config) -> dict | None:
         """Engine DARE settings when ``--attention-backend dare`` is selected.
 
-        The selection is recorded on the HF config (which travels to every process)
-        and removed from the attention config: the model's layers are built with the
+        The selection is recorded in the denoising defaults (which travel to every
+        process, ``vllm_compat.publish_engine_settings``) and removed from the
+        attention config: the model's layers are built with the
         DARE backend class directly, so no process needs the plugin's enum member
         before plugins load, and vLLM's CPU platform (which only runs CPU_ATTN)
         does not override it.
@@ -207,7 +210,6 @@ class DenoisingEngineConfig(VerifyAndUpdateConfig):
                 )
             return None
         settings = DareSettings.from_engine_config(raw)
-        vllm_config.model_config.hf_config.dare_settings = settings.to_dict()
         attention_config.backend = None
         logger.info("DARE attention backend: %s", settings.to_dict())
         return settings.to_dict()

@@ -28,7 +28,7 @@ from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.v1.worker.gpu.attn_utils import build_attn_metadata
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
-from vllm_dare import request_stats
+from vllm_dare import vllm_compat
 from vllm_dare.cache_policies import FEED_ALL, DenoisingView
 from vllm_dare.cache_policies.step_plan import RequestForward, StepPlan, build_step_plan
 from vllm_dare.heap_trim import HeapTrimmer
@@ -42,9 +42,7 @@ class DenoisingModelState(DefaultModelState):
 
     def __init__(self, vllm_config, model, encoder_cache, device: torch.device):
         super().__init__(vllm_config, model, encoder_cache, device)
-        self.defaults = DenoisingDefaults.decode(
-            vllm_config.model_config.hf_config.denoising_defaults
-        )
+        self.defaults = DenoisingDefaults.decode(vllm_compat.engine_settings(vllm_config))
         self.logits_position_offset = getattr(model, "logits_position_offset", 0)
         self.sampler: DenoisingSampler | None = None
         self._slot_of: dict[str, int] = {}
@@ -53,7 +51,7 @@ class DenoisingModelState(DefaultModelState):
         # With the multiprocess executor this worker is a child of the engine-core
         # process, whose scheduler reads finished requests' figures from there.
         self.stats_channel = (
-            request_stats.channel(os.getppid())
+            vllm_compat.stats_channel(os.getppid())
             if vllm_config.parallel_config.distributed_executor_backend == "mp"
             else None
         )

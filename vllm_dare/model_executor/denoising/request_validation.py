@@ -10,18 +10,17 @@ sampler replaces vLLM's sampler, so ``apply`` is never reached.
 
 The class must be importable by name in every process, and it needs the served
 model's defaults. Its name therefore carries them:
-``DenoisingRequestValidator_<encoded DenoisingDefaults>``; this module builds such
-a class on first access (PEP 562 module ``__getattr__``).
+``DenoisingRequestValidator_<encoded DenoisingDefaults>``, built on first access
+(``vllm_compat.classes_by_name``).
 """
 
 from __future__ import annotations
-
-from functools import lru_cache
 
 import torch
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor
 
 from vllm_dare.cache_policies.dare_reuse import request_settings
+from vllm_dare.vllm_compat import classes_by_name
 from vllm_dare.model_executor.denoising.params import DenoisingDefaults, resolve_params
 
 _PREFIX = "DenoisingRequestValidator_"
@@ -54,7 +53,6 @@ def validator_name(defaults: DenoisingDefaults) -> str:
     return f"{__name__}:{_PREFIX}{defaults.encode()}"
 
 
-@lru_cache(maxsize=None)
 def _validator_class(token: str) -> type[_DenoisingRequestValidator]:
     defaults = DenoisingDefaults.decode(token)
     return type(
@@ -64,7 +62,4 @@ def _validator_class(token: str) -> type[_DenoisingRequestValidator]:
     )
 
 
-def __getattr__(name: str):
-    if name.startswith(_PREFIX):
-        return _validator_class(name[len(_PREFIX):])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = classes_by_name(__name__, {_PREFIX: _validator_class})

@@ -31,7 +31,7 @@ import torch
 
 from vllm.logger import init_logger
 
-from vllm_dare import request_stats
+from vllm_dare import vllm_compat
 from vllm_dare.cache_policies import CachePolicy, make_policy
 from vllm_dare.cache_policies import work_counters
 from vllm_dare.cache_policies.dare_reuse import DareRequests, request_settings
@@ -89,7 +89,7 @@ class DenoisingSampler:
         self.dare = DareRequests(device)
         self.dare_runtime = None  # set by the ModelState
         self.model_name = ""  # Prometheus label, set by the ModelState
-        # Where finished requests' figures go (``request_stats``), set by the
+        # Where finished requests' figures go (``vllm_compat``'s worker-to-scheduler channel), set by the
         # ModelState: only the first tensor-parallel rank publishes them, into this
         # process (None) or the engine-core process's channel.
         self.publish_stats = True
@@ -142,7 +142,7 @@ class DenoisingSampler:
         self.policies.pop(slot, None)
         self.streamed.pop(slot, None)
         if self.publish_stats:
-            request_stats.report_failure(req_id, reason, self.stats_channel)
+            vllm_compat.report_step("failures", {req_id: reason}, self.stats_channel)
 
     def apply_staged_writes(self) -> None:
         self.sampling_states.apply_staged_writes()
@@ -197,7 +197,7 @@ class DenoisingSampler:
                 return
             slot, req_id = int(slots[i]), input_batch.req_ids[i]
             state = self.states[slot]
-            request_stats.put(req_id, "dllm", {
+            vllm_compat.put_request_figures(req_id, "dllm", {
                 "forwards": self.forwards.get(slot, 0),
                 "computed_rows": self.computed_rows.get(slot, 0),
                 "denoising_steps": getattr(state, "steps_run", 0),
@@ -205,7 +205,8 @@ class DenoisingSampler:
             }, self.stats_channel)
             dare = self.dare.figures(slot, self.num_layers)
             if dare is not None:
-                request_stats.put(req_id, "dare", dare, self.stats_channel)
+                vllm_compat.put_request_figures(req_id, "dare", dare,
+                                                self.stats_channel)
 
         committed: dict[str, list[int]] = {}
 
@@ -289,7 +290,7 @@ class DenoisingSampler:
                 num_rejected[i] = (int(input_batch.num_computed_tokens_np[i])
                                    + int(query_lens[i]))
         if committed and self.publish_stats:
-            request_stats.report_committed(committed, self.stats_channel)
+            vllm_compat.report_step("committed", committed, self.stats_channel)
         return SamplerOutput(
             sampled_token_ids=sampled,
             logprobs_tensors=None,

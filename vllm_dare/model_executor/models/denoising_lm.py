@@ -12,14 +12,16 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.utils import maybe_prefix
 
 from vllm_dare.attention_backends.dare_layer_step import DareRuntime
+from vllm_dare import vllm_compat
 from vllm_dare.vllm_compat import feed_slot_mappings
 from vllm_dare.cache_policies.dare_reuse import DareSettings
 from vllm_dare.model_executor.denoising.model_state import DenoisingModelState
+from vllm_dare.model_executor.denoising.params import DenoisingDefaults
 
 
 def make_dare_runtime(vllm_config: VllmConfig, num_layers: int) -> DareRuntime | None:
     """The shared DARE state of a model served with ``--attention-backend dare``."""
-    raw = getattr(vllm_config.model_config.hf_config, "dare_settings", None)
+    raw = DenoisingDefaults.decode(vllm_compat.engine_settings(vllm_config)).dare
     if raw is None:
         return None
     settings = DareSettings(**raw)
