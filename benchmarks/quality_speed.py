@@ -20,6 +20,10 @@ Modes (``--modes``):
 * ``MODE@CACHE``          -- any of the above with the request's cache policy
   ``dllm_cache`` = CACHE (``prefix``, ``dual``, ...; ``vllm_dare.cache_policies``),
   e.g. ``exact@dual``, ``dare-kv+o:0.05@dual``
+* ``MODE~RULE:VALUE``     -- any of the above with Fast-dLLM parallel decoding
+  (``dllm_parallel`` = ``threshold`` with ``dllm_threshold`` = VALUE, or
+  ``factor`` with ``dllm_factor`` = VALUE; LLaDA), e.g. ``exact~threshold:0.9``,
+  ``exact@dual~threshold:0.9``
 
 Exact-mode engines and the DARE engine are built one after the other in this process.
 Every task's prompts go into one ``generate`` call, all requests admitted together
@@ -69,7 +73,18 @@ class Mode:
 
 def parse_mode(text: str) -> Mode:
     """``exact``, ``exact:steps/K``, ``dare-{kv,o,kv+o}:TAU[,candidates[=N]]``, each
-    optionally followed by ``@CACHE`` (a cache policy)."""
+    optionally followed by ``@CACHE`` (a cache policy) and ``~RULE:VALUE``
+    (parallel decoding)."""
+    if "~" in text:
+        base, parallel = text.rsplit("~", 1)
+        rule, _, value = parallel.partition(":")
+        if rule not in ("threshold", "factor") or not value:
+            raise ValueError(f"bad parallel decoding {parallel!r} in mode {text!r} "
+                             "(threshold:TAU or factor:F)")
+        mode = parse_mode(base)
+        knob = "dllm_threshold" if rule == "threshold" else "dllm_factor"
+        return Mode(text, mode.engine, mode.steps_divisor,
+                    {**mode.extra_args, "dllm_parallel": rule, knob: float(value)})
     if "@" in text:
         from vllm_dare.cache_policies import policies
 
@@ -113,7 +128,8 @@ def parse_mode(text: str) -> Mode:
         return Mode(text, "dare", extra_args=extra_args)
     raise ValueError(
         f"unknown mode {text!r}: use exact, exact:steps/K or "
-        f"dare-{{kv,o,kv+o}}:TAU[,candidates[=N]], each optionally with @CACHE"
+        f"dare-{{kv,o,kv+o}}:TAU[,candidates[=N]], each optionally with @CACHE "
+        f"and ~threshold:TAU or ~factor:F"
     )
 
 
@@ -152,6 +168,8 @@ def run_mode(llm, mode: Mode, family: str, task_items: dict, args) -> dict:
     for task, items in task_items.items():
         gen = TASKS[task].gen_length
         extra = {**decoding_args(family, gen, args, mode.steps_divisor), **mode.extra_args}
+        if "dllm_parallel" in extra:
+            del extra["dllm_steps"]  # parallel decoding takes the steps it needs
         params = SamplingParams(max_tokens=gen, extra_args=extra)
         prompts = [{"prompt_token_ids": ids} for ids, _ in items]
         if mode.engine == "dare":

@@ -247,10 +247,10 @@ def test_bad_engine_default_policy_is_refused_at_start(config, message):
     from vllm_dare.model_executor.denoising.params import DenoisingDefaults
 
     with pytest.raises(ValueError, match=message):
-        DenoisingDefaults.from_generation_config("llada", 5, 64, {}, cache=config)
+        DenoisingDefaults.from_generation_config("llada", 5, 64, {}, engine_knobs=config)
     with pytest.raises(ValueError, match="applies to LLaDA models only"):
         DenoisingDefaults.from_generation_config("dream", 5, 64, {},
-                                                 cache={"dllm_cache": "prefix"})
+                                                 engine_knobs={"dllm_cache": "prefix"})
 
 
 @pytest.mark.parametrize("cache", ["dual", "prefix"])

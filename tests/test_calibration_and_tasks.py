@@ -202,7 +202,8 @@ def _load_harness():
 @pytest.mark.parametrize("text", ["fast", "dare-kv", "dare-qkv:0.1", "dare-o:-1", "exact:steps/0",
                                   "dare-kv:0.1,often", "dare-kv:0.1,candidates=0",
                                   "dare-kv:0.1,candidates=two", "exact@lru", "exact@none",
-                                  "dare-kv:0.1@"])
+                                  "dare-kv:0.1@", "exact~fast:1", "exact~threshold",
+                                  "exact~threshold:x"])
 def test_harness_rejects_unknown_modes(text):
     with pytest.raises(ValueError):
         _load_harness().parse_mode(text)
@@ -219,6 +220,10 @@ def test_harness_mode_options_become_request_knobs():
     assert cached.engine == "dare" and cached.extra_args["dllm_cache"] == "dual"
     assert cached.extra_args["dare_candidate_limit"] == 3
     assert parse("exact:steps/2@prefix").steps_divisor == 2
+    parallel = parse("exact@dual~threshold:0.8")
+    assert parallel.engine == "exact" and parallel.extra_args == {
+        "dllm_cache": "dual", "dllm_parallel": "threshold", "dllm_threshold": 0.8}
+    assert parse("dare-kv:0.05~factor:2").extra_args["dllm_factor"] == 2.0
 
 
 def test_max_mode_must_serve_the_modes_measured(capsys):
@@ -267,12 +272,16 @@ def test_quality_speed_harness_reports_every_mode(engines, tiny_llada, tmp_path)
     report = harness.main(
         ["--model", str(tiny_llada), "--tasks", "add", "sort", "--per-task", "3",
          "--modes", "exact", "exact:steps/2", "exact@dual", "dare-kv:1e-6", "dare-kv+o:0.5",
-         "--out", str(tmp_path / "qs")],
+         "exact~factor:4", "--out", str(tmp_path / "qs")],
         engine_for=lambda kind, **kw: engines.get(tiny_llada, **kw),
     )
     rows = {r["mode"]: r for r in report["rows"]}
     assert list(rows) == ["exact", "exact:steps/2", "exact@dual", "dare-kv:1e-6",
-                          "dare-kv+o:0.5"]
+                          "dare-kv+o:0.5", "exact~factor:4"]
+    # factor 4 accepts the 2nd and 3rd most confident positions whatever their
+    # confidence (1 - 4/3 < 0, 1 - 4/4 = 0): at least 3 tokens per step, so a
+    # block of 8 takes at most 3 steps (+ the prompt pass: add 9 -> at most 4).
+    assert rows["exact~factor:4"]["tasks"]["add"]["nfe_per_request"] <= 4
     # add: prompt P tokens, gen 8 in one block of 8 steps. Exact computes the prompt
     # pass and 8 forwards of P + 8 rows; dual the prompt pass, one forward of P + 8
     # and 7 of the 8-token block (per layer).

@@ -135,7 +135,7 @@ class DenoisingEngineConfig(VerifyAndUpdateConfig):
             canvas_length=int(canvas_length),
             generation_config=generation_config,
             dare=dare,
-            cache=cls._cache_defaults(vllm_config),
+            engine_knobs=cls._engine_knob_defaults(vllm_config),
         )
         vllm_compat.publish_engine_settings(vllm_config, defaults.encode())
         for key in _VLLM_SAMPLING_KEYS:
@@ -174,16 +174,17 @@ class DenoisingEngineConfig(VerifyAndUpdateConfig):
 
 
     @staticmethod
-    def _cache_defaults(vllm_config) -> dict:
-        """The engine's default cache policy and its parameters: the ``dllm_cache``,
-        ``dllm_cache_refresh`` and ``dllm_cache_window`` keys of
-        ``--additional-config`` (checked with the other defaults)."""
-        from vllm_dare.model_executor.denoising.params import CACHE_KEYS
+    def _engine_knob_defaults(vllm_config) -> dict:
+        """Request knobs set as engine defaults in ``--additional-config``: the
+        cache policy (``dllm_cache``, ``dllm_cache_refresh``, ``dllm_cache_window``)
+        and parallel decoding (``dllm_parallel``, ``dllm_threshold``,
+        ``dllm_factor``), checked with the other defaults."""
+        from vllm_dare.model_executor.denoising.params import ENGINE_KNOB_KEYS
 
         additional = vllm_config.additional_config
         if not isinstance(additional, dict):
             return {}
-        return {key: additional[key] for key in CACHE_KEYS if key in additional}
+        return {key: additional[key] for key in ENGINE_KNOB_KEYS if key in additional}
 
     @staticmethod
     def _dare_settings(vllm_config) -> dict | None:

@@ -17,6 +17,7 @@ import torch
 
 from vllm_dare.reference.generation import _block_schedule
 from vllm_dare.reference.modeling import ReferenceDLLM
+from vllm_dare.reference.parallel_decoding import accepted
 
 # (x, block_start, block_end, step_in_block) -> (fed positions, attend length or
 # None for the whole sequence); positions are of prompt + canvas.
@@ -52,10 +53,13 @@ def llada_generate_with_cache(
     temperature: float = 0.0,
     cfg_scale: float = 0.0,
     generator: torch.Generator | None = None,
+    parallel: tuple[str, float, float] | None = None,
 ) -> tuple[list[int], dict]:
     """LLaDA's semi-autoregressive generation (``generation.llada_generate``) with
     cached forwards. Guidance runs the same forwards for the unconditional
-    sequence against its own cache. Returns the canvas and ``{"forwards",
+    sequence against its own cache. ``parallel``: ``(rule, threshold, factor)``
+    of parallel decoding (``parallel_decoding``): each step commits what the rule
+    accepts, until the block is done. Returns the canvas and ``{"forwards",
     "computed_rows"}``."""
     assert gen_length % block_length == 0
     num_blocks = gen_length // block_length
@@ -69,9 +73,16 @@ def llada_generate_with_cache(
     for b in range(num_blocks):
         start, end = P + b * block_length, P + (b + 1) * block_length
         counts = _block_schedule(block_length, steps_per_block)
-        for j in range(steps_per_block):
-            if counts[j] == 0:
-                continue
+        j = -1
+        while True:
+            j += 1
+            if parallel is None:
+                if j == steps_per_block:
+                    break
+                if counts[j] == 0:
+                    continue
+            elif not bool((x[start:end] == mask_id).any()):
+                break
             fed, attend = feed(x, start, end, j)
             eligible = torch.arange(start, end)[x[start:end] == mask_id]
             rows = torch.searchsorted(fed, eligible)
@@ -88,7 +99,12 @@ def llada_generate_with_cache(
                 logits = [uncond_logits + (cfg_scale + 1) * (cond - uncond_logits)]
             x0, confidence = _llada_choices(logits[0], eligible - P, gen_length, remasking,
                                             temperature, generator)
-            chosen = torch.topk(confidence, counts[j]).indices
+            if parallel is None:
+                k = counts[j]
+            else:
+                ranked = torch.sort(confidence, descending=True).values.tolist()
+                k = accepted(ranked, *parallel)
+            chosen = torch.topk(confidence, k).indices
             x[eligible[chosen]] = x0[chosen]
     return x[P:].tolist(), figures.as_dict()
 

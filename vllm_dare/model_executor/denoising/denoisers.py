@@ -123,6 +123,21 @@ class LLaDADenoiser(Denoiser):
         p = self.params
         block = self.next_step // p.steps_per_block
         k = self._count(self.next_step)
+        tokens, confidence = self._choices(logits, positions, block)
+        if k > 0:
+            chosen = torch.topk(confidence, k).indices
+            self.canvas[chosen] = tokens[chosen]
+        self.next_step += 1
+        while self.next_step < p.steps and self._count(self.next_step) == 0:
+            self.next_step += 1
+        return self.next_step >= p.steps
+
+    def _choices(self, logits: torch.Tensor, positions: torch.Tensor,
+                 block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """LLaDA's candidate token of every canvas position (the canvas where no
+        row was given) and its confidence (float64; -inf outside the block's
+        masked positions); records the confidence in ``last_confidence``."""
+        p = self.params
         masked = self.canvas == self.mask_token_id
         if p.temperature > 0:
             # Gumbel-max in float64: argmax(exp(l) / (-log u) ** T). The noise is
@@ -147,13 +162,68 @@ class LLaDADenoiser(Denoiser):
         confidence[(block + 1) * p.block_length :] = float("-inf")
         confidence = torch.where(masked, confidence, float("-inf"))
         self.last_confidence = confidence
-        if k > 0:
-            chosen = torch.topk(confidence, k).indices
-            self.canvas[chosen] = tokens[chosen]
+        return tokens, confidence
+
+
+def accepted_count(confidence: torch.Tensor, rule: str, threshold: float,
+                   factor: float) -> int:
+    """How many of the ranked candidates ``confidence`` (descending) a
+    parallel-decoding rule commits: the first always, then each next one while
+    it passes (``threshold``: c_n >= threshold; ``factor``: c_n >= 1 - factor /
+    (n + 1), n counted from 1)."""
+    rest = confidence[1:]
+    if rule == "threshold":
+        passes = rest >= threshold
+    else:
+        n = torch.arange(2, confidence.numel() + 1, device=confidence.device,
+                         dtype=torch.float64)
+        passes = rest >= 1 - factor / (n + 1)
+    return 1 + int(torch.cumprod(passes.to(torch.int64), 0).sum())
+
+
+class LLaDAParallelDenoiser(LLaDADenoiser):
+    """LLaDA's blocks with Fast-dLLM's parallel decoding: each step commits the
+    block's most confident masked position and the next most confident ones the
+    rule accepts (``dllm_parallel``: ``threshold`` / ``factor``); a block takes
+    as many steps as it needs, and the next block starts when it is done."""
+
+    def __init__(self, params: DenoisingParams, mask_token_id: int, device: torch.device):
+        super().__init__(params, mask_token_id, device)
+        self.block = 0
+        self.step_of_block = 0
+
+    def at_block_start(self) -> bool:
+        return self.step_of_block == 0
+
+    def block_range(self) -> tuple[int, int]:
+        length = self.params.block_length
+        return self.block * length, (self.block + 1) * length
+
+    def step_in_block(self) -> int:
+        return self.step_of_block
+
+    def eligible(self) -> torch.Tensor:
+        start, end = self.block_range()
+        masked = self.canvas == self.mask_token_id
+        masked[:start] = False
+        masked[end:] = False
+        return masked
+
+    def _step(self, logits: torch.Tensor, positions: torch.Tensor) -> bool:
+        p = self.params
+        tokens, confidence = self._choices(logits, positions, self.block)
+        start, end = self.block_range()
+        num_masked = int((self.canvas[start:end] == self.mask_token_id).sum())
+        ranked = torch.topk(confidence, num_masked)
+        k = accepted_count(ranked.values, p.parallel, p.threshold, p.factor)
+        chosen = ranked.indices[:k]
+        self.canvas[chosen] = tokens[chosen]
         self.next_step += 1
-        while self.next_step < p.steps and self._count(self.next_step) == 0:
-            self.next_step += 1
-        return self.next_step >= p.steps
+        self.step_of_block += 1
+        if k == num_masked:  # the block is done
+            self.block += 1
+            self.step_of_block = 0
+        return self.block >= p.num_blocks
 
 
 def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -263,6 +333,8 @@ def make_denoiser(
     params: DenoisingParams, mask_token_id: int, device: torch.device
 ) -> Denoiser:
     if params.family == LLADA:
+        if params.parallel != "none":
+            return LLaDAParallelDenoiser(params, mask_token_id, device)
         return LLaDADenoiser(params, mask_token_id, device)
     if params.family == DREAM:
         return DreamDenoiser(params, mask_token_id, device)

@@ -28,6 +28,10 @@ LLADA_REMASKING = ("low_confidence", "random")
 CFG_TWIN_SUFFIX = "::dllm-cfg-uncond"
 CFG_TWIN_OWNER_KEY = "_dllm_cfg_owner"
 DREAM_ALGORITHMS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+# Fast-dLLM parallel decoding rules (``dllm_parallel``).
+PARALLEL_RULES = ("none", "threshold", "factor")
+DEFAULT_THRESHOLD = 0.9
+DEFAULT_FACTOR = 1.0
 
 # Request knobs (SamplingParams.extra_args) and the model family they apply to.
 REQUEST_KEYS: dict[str, tuple[str, ...]] = {
@@ -45,9 +49,17 @@ REQUEST_KEYS: dict[str, tuple[str, ...]] = {
     "dllm_cache": (LLADA, DREAM),
     "dllm_cache_refresh": (LLADA, DREAM),
     "dllm_cache_window": (LLADA, DREAM),
+    # Parallel decoding (Fast-dLLM): how many tokens a step may commit.
+    "dllm_parallel": (LLADA, DREAM),
+    "dllm_threshold": (LLADA, DREAM),
+    "dllm_factor": (LLADA, DREAM),
 }
 # Engine defaults of the cache knobs (``--additional-config``).
 CACHE_KEYS = ("dllm_cache", "dllm_cache_refresh", "dllm_cache_window")
+# Engine defaults of the parallel-decoding knobs (``--additional-config``).
+PARALLEL_KEYS = ("dllm_parallel", "dllm_threshold", "dllm_factor")
+# Every engine default ``--additional-config`` sets by a request knob's name.
+ENGINE_KNOB_KEYS = CACHE_KEYS + PARALLEL_KEYS
 
 # generation_config.json keys read as served defaults, per family.
 GENERATION_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
@@ -84,6 +96,10 @@ class DenoisingDefaults:
     cache: str = "none"
     cache_refresh: int | None = None
     cache_window: int | None = None
+    # Engine parallel decoding (``dllm_parallel`` etc. in --additional-config).
+    parallel: str = "none"
+    threshold: float | None = None
+    factor: float | None = None
 
     @classmethod
     def from_generation_config(
@@ -93,8 +109,10 @@ class DenoisingDefaults:
         canvas_length: int,
         generation_config: dict[str, Any],
         dare: dict | None = None,
-        cache: dict | None = None,
+        engine_knobs: dict | None = None,
     ) -> DenoisingDefaults:
+        """``engine_knobs``: request knobs set as engine defaults
+        (``ENGINE_KNOB_KEYS`` of ``--additional-config``)."""
         values = {
             key: generation_config[key]
             for key in GENERATION_CONFIG_KEYS[family]
@@ -105,7 +123,8 @@ class DenoisingDefaults:
             mask_token_id=mask_token_id,
             canvas_length=canvas_length,
             dare=dare,
-            **{key.removeprefix("dllm_"): value for key, value in (cache or {}).items()},
+            **{key.removeprefix("dllm_"): value
+               for key, value in (engine_knobs or {}).items()},
             **values,
         )
         defaults.check()
@@ -134,7 +153,13 @@ class DenoisingDefaults:
             probe["dllm_cache_refresh"] = self.cache_refresh
         if self.cache_window is not None:
             probe["dllm_cache_window"] = self.cache_window
+        probe["dllm_parallel"] = self.parallel
+        if self.threshold is not None:
+            probe["dllm_threshold"] = self.threshold
+        if self.factor is not None:
+            probe["dllm_factor"] = self.factor
         _parse_knobs(probe, self.family)
+        _check_parallel(self.family, self.parallel, self.threshold, self.factor, None)
         from vllm_dare.cache_policies import check_choice
 
         check_choice(self.cache, self.family, self.cache_refresh, self.cache_window)
@@ -176,6 +201,13 @@ class DenoisingParams:
     cache: str = "none"
     cache_refresh: int | None = None
     cache_window: int | None = None
+    # Parallel decoding (Fast-dLLM): ``none`` commits the official schedule's
+    # count per step; ``threshold`` / ``factor`` commit, per step, the most
+    # confident masked position of the block and the next ones the rule accepts,
+    # until the block is done (``steps`` is then not used).
+    parallel: str = "none"
+    threshold: float = DEFAULT_THRESHOLD
+    factor: float = DEFAULT_FACTOR
 
     @property
     def num_blocks(self) -> int:
@@ -229,6 +261,15 @@ def _parse_knobs(extra: dict[str, Any], family: str) -> dict[str, Any]:
     positive_int("dllm_cache_window")
     if "dllm_cache" in knobs and not isinstance(knobs["dllm_cache"], str):
         raise ValueError(f"dllm_cache must be a string, got {knobs['dllm_cache']!r}")
+    if "dllm_parallel" in knobs and knobs["dllm_parallel"] not in PARALLEL_RULES:
+        raise ValueError(f"dllm_parallel must be one of {', '.join(PARALLEL_RULES)}, "
+                         f"got {knobs['dllm_parallel']!r}")
+    threshold = knobs.get("dllm_threshold")
+    if threshold is not None and not (_is_number(threshold) and 0 < threshold <= 1):
+        raise ValueError(f"dllm_threshold must be a number in (0, 1], got {threshold!r}")
+    factor = knobs.get("dllm_factor")
+    if factor is not None and not (_is_number(factor) and factor > 0):
+        raise ValueError(f"dllm_factor must be a number > 0, got {factor!r}")
     non_negative("dllm_temperature")
     non_negative("dllm_cfg_scale")
     non_negative("dllm_alg_temp", allow_none=True)
@@ -254,6 +295,50 @@ def _parse_knobs(extra: dict[str, Any], family: str) -> dict[str, Any]:
     return knobs
 
 
+def _check_parallel(family: str, rule: str, threshold, factor, steps) -> None:
+    """A parallel-decoding choice that can run: its parameter only with its rule,
+    no step count (steps are data-dependent), LLaDA only."""
+    if threshold is not None and rule != "threshold":
+        raise ValueError(f"dllm_threshold applies to dllm_parallel='threshold' only "
+                         f"(dllm_parallel is {rule!r})")
+    if factor is not None and rule != "factor":
+        raise ValueError(f"dllm_factor applies to dllm_parallel='factor' only "
+                         f"(dllm_parallel is {rule!r})")
+    if rule == "none":
+        return
+    if family == DREAM:
+        raise ValueError(
+            "dllm_parallel is not available for Dream models yet: Fast-dLLM decodes "
+            "Dream in parallel with its block-wise Dream generation, which vllm-dare "
+            "does not implement yet")
+    if steps is not None:
+        raise ValueError(f"dllm_steps does not apply with dllm_parallel={rule!r}: a "
+                         "step commits as many tokens as the rule accepts, until the "
+                         "block is done")
+
+
+def _with_parallel(knobs: dict[str, Any], defaults: DenoisingDefaults,
+                   params: DenoisingParams) -> DenoisingParams:
+    """``params`` with the request's parallel-decoding rule, checked."""
+    rule = knobs.get("dllm_parallel", defaults.parallel)
+    if "dllm_parallel" in knobs and rule != defaults.parallel:
+        threshold, factor = None, None  # another rule: not the default's parameter
+    else:
+        threshold, factor = defaults.threshold, defaults.factor
+    threshold = knobs.get("dllm_threshold", threshold)
+    factor = knobs.get("dllm_factor", factor)
+    _check_parallel(params.family, rule, threshold, factor, knobs.get("dllm_steps"))
+    if rule == "none":
+        return params
+    return replace(
+        params,
+        parallel=rule,
+        steps=params.gen_length,  # at most one token per step: the bound on forwards
+        threshold=float(DEFAULT_THRESHOLD if threshold is None else threshold),
+        factor=float(DEFAULT_FACTOR if factor is None else factor),
+    )
+
+
 def resolve_params(
     extra_args: dict[str, Any] | None,
     max_tokens: int | None,
@@ -275,6 +360,8 @@ def resolve_params(
         )
     gen_length = max_tokens
     steps = knobs.get("dllm_steps", defaults.steps or gen_length)
+    if knobs.get("dllm_parallel", defaults.parallel) != "none" and "dllm_steps" not in knobs:
+        steps = gen_length  # not used by the rule; keeps the block checks below
     temperature = float(knobs.get("dllm_temperature", defaults.temperature))
 
     if family == LLADA:
@@ -292,7 +379,7 @@ def resolve_params(
                 f"{num_blocks} (max_tokens / block length)"
             )
         cfg_scale = float(knobs.get("dllm_cfg_scale", defaults.cfg_scale))
-        return _with_cache(knobs, defaults, DenoisingParams(
+        return _with_cache(knobs, defaults, _with_parallel(knobs, defaults, DenoisingParams(
             family=LLADA,
             gen_length=gen_length,
             steps=steps,
@@ -301,10 +388,10 @@ def resolve_params(
             remasking=knobs.get("dllm_remasking", defaults.remasking),
             cfg_scale=cfg_scale,
             seed=knobs.get("dllm_seed"),
-        ))
+        )))
 
     alg_temp = knobs.get("dllm_alg_temp", defaults.alg_temp)
-    return _with_cache(knobs, defaults, DenoisingParams(
+    return _with_cache(knobs, defaults, _with_parallel(knobs, defaults, DenoisingParams(
         family=DREAM,
         gen_length=gen_length,
         steps=steps,
@@ -315,7 +402,7 @@ def resolve_params(
         top_p=knobs.get("dllm_top_p", defaults.top_p),
         top_k=knobs.get("dllm_top_k", defaults.top_k),
         seed=knobs.get("dllm_seed"),
-    ))
+    )))
 
 
 def _with_cache(knobs: dict[str, Any], defaults: DenoisingDefaults,
