@@ -6,6 +6,16 @@ import time
 
 import pytest
 
+# Prompts of mixed lengths shared by the engine tests that compare batched
+# outputs with the reference.
+PROMPTS = [
+    "hello world",
+    "12+34=",
+    "a much longer prompt that spans several dozen tokens of text",
+    "x",
+    "Sort: 9 3 7 1",
+]
+
 
 def run_engine(llm, requests, max_steps: int, abort_after=None, tag: str = "req"):
     """Add ``(prompt_ids, params)`` requests and step the engine until they finish,

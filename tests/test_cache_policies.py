@@ -5,6 +5,7 @@ part (``computed_rows``)."""
 from __future__ import annotations
 
 import pytest
+from engine_steps import PROMPTS
 from vllm import SamplingParams
 
 from vllm_dare.reference import load_reference_model
@@ -12,14 +13,6 @@ from vllm_dare.reference.dkv_cache import dream_generate_dkv, llada_generate_dkv
 from vllm_dare.reference.fast_dllm_cache import llada_generate_cached
 from vllm_dare.reference.freecache import dream_generate_freecache, llada_generate_freecache
 from vllm_dare.reference.generation import llada_generate
-
-PROMPTS = [
-    "hello world",
-    "12+34=",
-    "a much longer prompt that spans several dozen tokens of text",
-    "x",
-    "Sort: 9 3 7 1",
-]
 
 
 def _run(llm, ids, max_tokens, extra):
@@ -222,7 +215,6 @@ def test_dream_refuses_what_does_not_apply(dream_engine, extra, message):
     llm = dream_engine()
     with pytest.raises(VLLMValidationError, match=message):
         _run(llm, [[5, 6, 7]], 8, extra)
-
 
 
 def test_engine_default_policy_from_additional_config(engines, tiny_llada):

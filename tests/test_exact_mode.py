@@ -8,17 +8,10 @@ Batches mix prompt lengths; each setting runs all prompts in one ``generate`` ca
 from __future__ import annotations
 
 import pytest
+from engine_steps import PROMPTS
 from vllm import SamplingParams
 
 from vllm_dare.reference import dream_generate, llada_generate, load_reference_model
-
-PROMPTS = [
-    "hello world",
-    "12+34=",
-    "a much longer prompt that spans several dozen tokens of text",
-    "x",
-    "Sort: 9 3 7 1",
-]
 
 
 def _token_ids(llm, prompts):

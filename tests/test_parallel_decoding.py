@@ -7,20 +7,13 @@ knobs are HTTP-400-style errors; the engine default comes from
 from __future__ import annotations
 
 import pytest
+from engine_steps import PROMPTS
 import torch
 from vllm import SamplingParams
 
 from vllm_dare.reference import llada_generate, load_reference_model
 from vllm_dare.reference.cached_generation import llada_generate_with_cache
 from vllm_dare.reference.parallel_decoding import accepted, llada_generate_parallel
-
-PROMPTS = [
-    "hello world",
-    "12+34=",
-    "a much longer prompt that spans several dozen tokens of text",
-    "x",
-    "Sort: 9 3 7 1",
-]
 
 
 def _run(llm, ids, max_tokens, extras):
