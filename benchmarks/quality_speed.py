@@ -12,6 +12,9 @@ Modes (``--modes``):
 
 * ``exact``               -- vLLM's own attention backend, every activation recomputed
 * ``exact:steps/K``       -- exact, with K times fewer denoising steps (K tokens per step)
+* ``exact:blocks``        -- Dream: Fast-dLLM's block-wise Dream generation
+  (``dllm_block_length`` = ``--block-length``) with no cache; Dream modes with
+  ``@prefix``, ``@dual`` or parallel decoding run it too
 * ``dare-kv:TAU``, ``dare-o:TAU``, ``dare-kv+o:TAU`` -- the DARE backend with
   ``tau_kv`` and/or ``tau_o`` = TAU (per-request overrides on one DARE engine);
   ``dare-...:TAU,candidates`` also recomputes the positions the step may unmask
@@ -97,6 +100,8 @@ def parse_mode(text: str) -> Mode:
                     {**mode.extra_args, "dllm_cache": cache})
     if text == "exact":
         return Mode(text, "exact")
+    if text == "exact:blocks":
+        return Mode(text, "exact", extra_args={"blocks": True})
     if text.startswith("exact:steps/"):
         k = int(text.split("/", 1)[1])
         if k < 1:
@@ -138,10 +143,24 @@ def family_of(model: str) -> str:
     return "dream" if config.get("model_type") == "Dream" else "llada"
 
 
-def decoding_args(family: str, gen_length: int, args, steps_divisor: int) -> dict:
+def dream_blockwise(mode_args: dict) -> bool:
+    """Whether a Dream mode runs Fast-dLLM's block-wise Dream generation: asked
+    for (``exact:blocks``), or needed by its cache policy or parallel decoding."""
+    return (mode_args.get("blocks", False) or "dllm_parallel" in mode_args
+            or mode_args.get("dllm_cache") in ("prefix", "dual"))
+
+
+def decoding_args(family: str, gen_length: int, args, steps_divisor: int,
+                  blocks: bool = False) -> dict:
+    """Knobs of a request; ``blocks``: Dream's block-wise generation."""
     steps = max(1, gen_length // steps_divisor)
     extra = {"dllm_steps": steps}
-    if family == "llada":
+    if family == "dream" and blocks:
+        block = min(args.block_length, gen_length)
+        blocks_n = gen_length // block
+        extra["dllm_block_length"] = block
+        extra["dllm_steps"] = max(2 * blocks_n, steps - steps % blocks_n)
+    elif family == "llada":
         block = min(args.block_length, gen_length)
         extra["dllm_block_length"] = block
         # every block gets the same number of steps
@@ -167,7 +186,9 @@ def run_mode(llm, mode: Mode, family: str, task_items: dict, args) -> dict:
     result = {}
     for task, items in task_items.items():
         gen = TASKS[task].gen_length
-        extra = {**decoding_args(family, gen, args, mode.steps_divisor), **mode.extra_args}
+        knobs = {k: v for k, v in mode.extra_args.items() if k != "blocks"}
+        extra = {**decoding_args(family, gen, args, mode.steps_divisor,
+                                 blocks=dream_blockwise(mode.extra_args)), **knobs}
         if "dllm_parallel" in extra:
             del extra["dllm_steps"]  # parallel decoding takes the steps it needs
         params = SamplingParams(max_tokens=gen, extra_args=extra)
@@ -502,7 +523,8 @@ def main(argv=None, engine_for=None) -> dict:
     parser.add_argument("--tasks", nargs="*", default=None, help="default: every task")
     parser.add_argument("--per-task", type=int, default=200, help="held-out examples per task")
     parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES)
-    parser.add_argument("--block-length", type=int, default=8, help="LLaDA block length")
+    parser.add_argument("--block-length", type=int, default=8,
+                        help="block length of LLaDA and of Dream's block-wise modes")
     parser.add_argument("--dream-alg", default="maskgit_plus")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-model-len", type=int, default=128)

@@ -11,6 +11,7 @@ from vllm import SamplingParams
 from vllm_dare.reference import load_reference_model
 from vllm_dare.reference.dkv_cache import dream_generate_dkv, llada_generate_dkv_decode
 from vllm_dare.reference.fast_dllm_cache import llada_generate_cached
+from vllm_dare.reference.fast_dllm_dream import dream_generate_blockwise
 from vllm_dare.reference.freecache import dream_generate_freecache, llada_generate_freecache
 from vllm_dare.reference.generation import llada_generate
 
@@ -203,10 +204,39 @@ def test_dream_freecache_matches_reference(dream_engine, tiny_dream):
                                         + len(prompt) * ref.spec.num_layers)
 
 
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+@pytest.mark.parametrize("gen_length,steps,block_length", [(24, 12, 8), (16, 16, 4)])
+def test_dream_blockwise_generation_with_fast_dllm_caches_matches_reference(
+        dream_engine, tiny_dream, cache, gen_length, steps, block_length):
+    """Fast-dLLM's block-wise Dream generation (dllm_block_length on a Dream
+    request) with no cache, PrefixCache and DualCache equals its reference in tokens,
+    forwards and computed rows."""
+    llm = dream_engine()
+    ref = load_reference_model(tiny_dream)
+    ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
+    extra = {"dllm_steps": steps, "dllm_block_length": block_length, "dllm_cache": cache}
+    got, figures = _run(llm, ids, gen_length, extra)
+    layers = ref.spec.num_layers
+    for prompt, tokens, fig in zip(ids, got, figures):
+        want, want_fig = dream_generate_blockwise(
+            ref, prompt, ref.spec.mask_token_id, gen_length, steps, block_length, cache)
+        assert tokens == want
+        assert fig["forwards"] == want_fig["forwards"] + 1
+        assert fig["computed_rows"] == want_fig["computed_rows"] + len(prompt) * layers
+    if cache == "dual":
+        full = (len(ids[0]) + gen_length) * layers
+        assert figures[0]["computed_rows"] < figures[0]["forwards"] * full / 2
+
+
 @pytest.mark.parametrize("extra,message", [
     ({"dllm_cache": "freecache", "dllm_cache_window": 16}, "applies to LLaDA models only"),
-    ({"dllm_cache": "dual"}, "applies to LLaDA models only"),
-    ({"dllm_cache": "prefix"}, "applies to LLaDA models only"),
+    ({"dllm_cache": "dual"}, "block-wise generation \\(dllm_block_length set\\) only"),
+    ({"dllm_cache": "prefix"}, "block-wise generation \\(dllm_block_length set\\) only"),
+    ({"dllm_cache": "dkv_decode", "dllm_block_length": 4}, "official generation only"),
+    ({"dllm_block_length": 4, "dllm_alg": "entropy"}, "dllm_alg does not apply"),
+    ({"dllm_block_length": 4, "dllm_steps": 2}, "at least 2 steps per block"),
+    ({"dllm_block_length": 3}, "must be a multiple of the block length 3"),
+    ({"dllm_parallel": "threshold"}, "dllm_parallel for Dream needs dllm_block_length"),
     ({"dllm_cache": "dkv_prefill", "dllm_cache_refresh": 2}, "has no dllm_cache_refresh"),
 ])
 def test_dream_refuses_what_does_not_apply(dream_engine, extra, message):
@@ -240,9 +270,13 @@ def test_bad_engine_default_policy_is_refused_at_start(config, message):
 
     with pytest.raises(ValueError, match=message):
         DenoisingDefaults.from_generation_config("llada", 5, 64, {}, engine_knobs=config)
-    with pytest.raises(ValueError, match="applies to LLaDA models only"):
+    with pytest.raises(ValueError, match="applies to Dream models only"):
+        DenoisingDefaults.from_generation_config("llada", 5, 64, {},
+                                                 engine_knobs={"dllm_cache": "dkv_pd"})
+    # Dream's parallel decoding needs a block length, which no engine default sets.
+    with pytest.raises(ValueError, match="dllm_parallel for Dream needs dllm_block_length"):
         DenoisingDefaults.from_generation_config("dream", 5, 64, {},
-                                                 engine_knobs={"dllm_cache": "prefix"})
+                                                 engine_knobs={"dllm_parallel": "threshold"})
 
 
 @pytest.mark.parametrize("cache", ["dual", "prefix"])

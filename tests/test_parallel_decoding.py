@@ -2,7 +2,8 @@
 PyTorch reference (``reference/parallel_decoding.py``) token for token and in
 forwards, batched, alone and with the cache policies, guidance and DARE; bad
 knobs are HTTP-400-style errors; the engine default comes from
-``--additional-config``."""
+``--additional-config``. Dream decodes in parallel within Fast-dLLM's block-wise
+Dream generation (``reference/fast_dllm_dream.py``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from vllm import SamplingParams
 
 from vllm_dare.reference import llada_generate, load_reference_model
 from vllm_dare.reference.cached_generation import llada_generate_with_cache
+from vllm_dare.reference.fast_dllm_dream import dream_generate_blockwise
 from vllm_dare.reference.parallel_decoding import accepted, llada_generate_parallel
 
 
@@ -158,9 +160,32 @@ def test_bad_parallel_knobs_are_rejected_and_the_engine_serves_on(llada_engine, 
     assert len(tokens[0]) == 8
 
 
-def test_dream_refuses_parallel_decoding_with_the_reason(dream_engine):
+@pytest.mark.parametrize("cache", ["none", "dual", "prefix"])
+@pytest.mark.parametrize("rule,value", [("threshold", 0.05), ("factor", 4.0)])
+def test_dream_parallel_decoding_matches_reference(dream_engine, tiny_dream, cache, rule,
+                                                   value):
+    """Dream decodes in parallel within Fast-dLLM's block-wise generation
+    (dllm_block_length), alone and with its caches."""
+    llm = dream_engine()
+    ref = load_reference_model(tiny_dream)
+    ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
+    knob = "dllm_threshold" if rule == "threshold" else "dllm_factor"
+    extra = {"dllm_block_length": 8, "dllm_parallel": rule, knob: value, "dllm_cache": cache}
+    got, figures = _run(llm, ids, 24, extra)
+    parallel = (rule, value, 1.0) if rule == "threshold" else (rule, 0.9, value)
+    for prompt, tokens, fig in zip(ids, got, figures):
+        want, want_fig = dream_generate_blockwise(ref, prompt, ref.spec.mask_token_id, 24,
+                                                  24, 8, cache, parallel=parallel)
+        assert tokens == want
+        assert fig["forwards"] == want_fig["forwards"] + 1
+    # Fewer forwards than one token per step (3 blocks of 8: 24 + the prompt pass).
+    assert sum(f["forwards"] for f in figures) < 25 * len(ids) * 0.75
+
+
+def test_dream_parallel_decoding_needs_blocks(dream_engine):
     from vllm.exceptions import VLLMValidationError
 
     llm = dream_engine()
-    with pytest.raises(VLLMValidationError, match="not available for Dream models yet"):
+    with pytest.raises(VLLMValidationError, match="dllm_parallel for Dream needs "
+                                                  "dllm_block_length"):
         _run(llm, [[5, 6, 7]], 8, {"dllm_parallel": "threshold"})

@@ -37,7 +37,9 @@ BAD_DREAM = [
     (16, {"dllm_top_p": 1.5}, "dllm_top_p must be in (0, 1]"),
     (16, {"dllm_top_k": 0}, "dllm_top_k must be a positive integer"),
     (16, {"dllm_alg_temp": -1.0}, "dllm_alg_temp must be a number >= 0"),
-    (16, {"dllm_block_length": 8}, "dllm_block_length does not apply to Dream"),
+    (16, {"dllm_cfg_scale": 1.0}, "dllm_cfg_scale does not apply to Dream"),
+    (16, {"dllm_block_length": 8, "dllm_alg": "entropy"},
+     "dllm_alg does not apply with dllm_block_length"),
     (16, {"dllm_seed": 1.5}, "dllm_seed must be an integer"),
 ]
 

@@ -70,7 +70,17 @@ def check_params(params) -> None:
     """Raise ValueError unless the request (resolved ``DenoisingParams``) can run
     its cache policy."""
     check_choice(params.cache, params.family, params.cache_refresh, params.cache_window)
-    policy_class(params.cache).check(params)
+    cls = policy_class(params.cache)
+    if params.family == "dream":
+        generation = "blockwise" if params.block_length else "official"
+        if generation not in cls.dream_generations:
+            raise ValueError(
+                f"dllm_cache={params.cache!r} applies to Dream's "
+                + ("block-wise generation (dllm_block_length set) only"
+                   if generation == "official" else
+                   "official generation only, not to the block-wise one "
+                   "(dllm_block_length set)"))
+    cls.check(params)
 
 
 def make_policy(params) -> CachePolicy:

@@ -100,6 +100,10 @@ class CachePolicy:
     # Whether the policy reads dllm_cache_refresh / dllm_cache_window.
     uses_refresh: ClassVar[bool] = False
     uses_window: ClassVar[bool] = False
+    # Dream's generations the policy applies to: "official" (Dream's own
+    # algorithms) and/or "blockwise" (Fast-dLLM's block-wise Dream generation,
+    # dllm_block_length set).
+    dream_generations: ClassVar[tuple[str, ...]] = ("official",)
 
     def __init__(self, params: Any):
         self.params = params

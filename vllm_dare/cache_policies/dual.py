@@ -3,8 +3,9 @@
 The first step of each block runs a full forward that refreshes every layer's
 K/V. Every later step of the block feeds the current block only; it attends to
 the prefix and the suffix as the block-start forward cached them (both stale
-until the next block start) and to itself. LLaDA only: its semi-autoregressive
-blocks define prefix and suffix.
+until the next block start) and to itself. LLaDA's semi-autoregressive blocks,
+or Fast-dLLM's block-wise Dream generation (``dllm_block_length`` on a Dream
+request), define prefix and suffix.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from vllm_dare.cache_policies.base import FEED_ALL, CachePolicy, DenoisingView, 
 
 class DualCache(CachePolicy):
     name = "dual"
-    families = ("llada",)
+    dream_generations = ("blockwise",)
 
     def plan(self, view: DenoisingView) -> ForwardPlan:
         if view.block_start:

@@ -8,6 +8,7 @@ from vllm_dare.cache_policies.base import FEED_ALL, CachePolicy, DenoisingView, 
 
 class NoCache(CachePolicy):
     name = "none"
+    dream_generations = ("official", "blockwise")
 
     def plan(self, view: DenoisingView) -> ForwardPlan:
         return FEED_ALL

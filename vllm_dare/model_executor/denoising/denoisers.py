@@ -256,9 +256,12 @@ class DreamDenoiser(Denoiser):
         t, s = self.timesteps[step], self.timesteps[step + 1]
         return int(torch.tensor(float(num_masked)) * (1 - s / t))
 
-    def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(confidence, token) per row, after temperature, top-p and top-k."""
+    def _sample(self, logits: torch.Tensor,
+                alg: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(confidence, token) per row, after temperature, top-p and top-k; the
+        confidence of ``alg`` (default: the request's)."""
         p = self.params
+        alg = alg or p.alg
         logits = logits.float()
         if p.temperature > 0:
             logits = logits / p.temperature
@@ -272,10 +275,10 @@ class DreamDenoiser(Denoiser):
             confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
         else:
             confidence, tokens = probs.max(dim=-1)
-        if p.alg == "topk_margin":
+        if alg == "topk_margin":
             top2 = torch.topk(probs, 2, dim=-1).values
             confidence = top2[:, 0] - top2[:, 1]
-        elif p.alg == "entropy":
+        elif alg == "entropy":
             confidence = (probs * torch.log(probs + 1e-10)).sum(dim=-1)
         return confidence, tokens
 
@@ -329,6 +332,92 @@ class DreamDenoiser(Denoiser):
             self.next_step += 1
 
 
+class DreamBlockDenoiser(DreamDenoiser):
+    """Fast-dLLM's block-wise Dream generation (``dllm_block_length`` set for a
+    Dream request). Per block of the canvas, ``steps / num_blocks`` steps:
+
+    * step 0 decodes the block's first position only (its token from the
+      position's logits, read from the hidden row before it);
+    * steps 1 .. S-1 rank the block's masked positions by negative entropy and
+      commit Dream's schedule count, ``int(masked * (1 - s / t))`` with ``t, s``
+      the block's timesteps ``linspace(1, eps, S + 1)[j], [j + 1]``, and every
+      remaining one at the last step; with ``dllm_parallel`` the most confident
+      (softmax probability of the token) and the next ones the rule accepts,
+      until the block is done.
+    """
+
+    def __init__(self, params: DenoisingParams, mask_token_id: int, device: torch.device):
+        Denoiser.__init__(self, params, mask_token_id, device)
+        self.steps_per_block = params.steps // params.num_blocks
+        self.timesteps = torch.linspace(1, params.eps, self.steps_per_block + 1)
+        self.block = 0
+        self.step_of_block = 0
+
+    def at_block_start(self) -> bool:
+        return self.step_of_block == 0
+
+    def block_range(self) -> tuple[int, int]:
+        length = self.params.block_length
+        return self.block * length, (self.block + 1) * length
+
+    def step_in_block(self) -> int:
+        return self.step_of_block
+
+    def eligible(self) -> torch.Tensor:
+        start, end = self.block_range()
+        eligible = torch.zeros_like(self.canvas, dtype=torch.bool)
+        if self.step_of_block == 0:
+            eligible[start] = True
+        else:
+            eligible[start:end] = self.canvas[start:end] == self.mask_token_id
+        return eligible
+
+    def _block_count(self, j: int, num_masked: int) -> int:
+        if j == self.steps_per_block - 1:
+            return num_masked
+        t, s = self.timesteps[j], self.timesteps[j + 1]
+        return int(torch.tensor(float(num_masked)) * (1 - s / t))
+
+    def _step(self, logits: torch.Tensor, rows: torch.Tensor) -> bool:
+        p = self.params
+        start, end = self.block_range()
+        if self.step_of_block == 0:
+            _, tokens = self._sample(logits[torch.searchsorted(rows, torch.tensor(
+                [start], device=rows.device))])
+            self.canvas[start] = tokens[0]
+        else:
+            positions = start + (self.canvas[start:end] == self.mask_token_id
+                                 ).nonzero().squeeze(-1)
+            block_logits = logits[torch.searchsorted(rows, positions)]
+            confidence, tokens = self._sample(block_logits, alg="entropy")
+            if p.parallel == "none":
+                k = self._block_count(self.step_of_block, positions.numel())
+                ranked = torch.topk(confidence, k).indices
+            else:
+                # The probability of each token (float64 softmax), ranked.
+                probs = torch.softmax(block_logits.double(), dim=-1)
+                confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
+                order = torch.topk(confidence, positions.numel())
+                k = accepted_count(order.values, p.parallel, p.threshold, p.factor)
+                ranked = order.indices[:k]
+            self.last_confidence = torch.full(
+                (self.gen_length,), float("-inf"), dtype=confidence.dtype,
+                device=confidence.device).index_put_((positions,), confidence)
+            self.canvas[positions[ranked]] = tokens[ranked]
+        self.next_step += 1
+        self.step_of_block += 1
+        remaining = int((self.canvas[start:end] == self.mask_token_id).sum())
+        if p.parallel == "none":
+            # Steps whose count truncates to 0 unmask nothing: no forward.
+            while (remaining and self.step_of_block < self.steps_per_block - 1
+                   and self._block_count(self.step_of_block, remaining) == 0):
+                self.step_of_block += 1
+        if remaining == 0:
+            self.block += 1
+            self.step_of_block = 0
+        return self.block >= p.num_blocks
+
+
 def make_denoiser(
     params: DenoisingParams, mask_token_id: int, device: torch.device
 ) -> Denoiser:
@@ -337,5 +426,7 @@ def make_denoiser(
             return LLaDAParallelDenoiser(params, mask_token_id, device)
         return LLaDADenoiser(params, mask_token_id, device)
     if params.family == DREAM:
+        if params.block_length:
+            return DreamBlockDenoiser(params, mask_token_id, device)
         return DreamDenoiser(params, mask_token_id, device)
     raise ValueError(f"unknown model family {params.family!r}")

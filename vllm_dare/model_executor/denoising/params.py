@@ -36,7 +36,7 @@ DEFAULT_FACTOR = 1.0
 # Request knobs (SamplingParams.extra_args) and the model family they apply to.
 REQUEST_KEYS: dict[str, tuple[str, ...]] = {
     "dllm_steps": (LLADA, DREAM),
-    "dllm_block_length": (LLADA,),
+    "dllm_block_length": (LLADA, DREAM),
     "dllm_remasking": (LLADA,),
     "dllm_cfg_scale": (LLADA,),
     "dllm_temperature": (LLADA, DREAM),
@@ -159,7 +159,8 @@ class DenoisingDefaults:
         if self.factor is not None:
             probe["dllm_factor"] = self.factor
         _parse_knobs(probe, self.family)
-        _check_parallel(self.family, self.parallel, self.threshold, self.factor, None)
+        _check_parallel(self.family, self.parallel, self.threshold, self.factor, None,
+                        blocks=self.family == LLADA)
         from vllm_dare.cache_policies import check_choice
 
         check_choice(self.cache, self.family, self.cache_refresh, self.cache_window)
@@ -184,7 +185,7 @@ class DenoisingParams:
     gen_length: int
     steps: int
     temperature: float
-    # LLaDA
+    # LLaDA; for Dream, set only for Fast-dLLM's block-wise generation
     block_length: int = 0
     remasking: str = "low_confidence"
     cfg_scale: float = 0.0
@@ -211,7 +212,7 @@ class DenoisingParams:
 
     @property
     def num_blocks(self) -> int:
-        return self.gen_length // self.block_length if self.family == LLADA else 1
+        return self.gen_length // self.block_length if self.block_length else 1
 
     @property
     def steps_per_block(self) -> int:
@@ -295,9 +296,11 @@ def _parse_knobs(extra: dict[str, Any], family: str) -> dict[str, Any]:
     return knobs
 
 
-def _check_parallel(family: str, rule: str, threshold, factor, steps) -> None:
+def _check_parallel(family: str, rule: str, threshold, factor, steps,
+                    blocks: bool) -> None:
     """A parallel-decoding choice that can run: its parameter only with its rule,
-    no step count (steps are data-dependent), LLaDA only."""
+    no step count (steps are data-dependent), blocks (``blocks``: LLaDA, or
+    Dream's block-wise generation)."""
     if threshold is not None and rule != "threshold":
         raise ValueError(f"dllm_threshold applies to dllm_parallel='threshold' only "
                          f"(dllm_parallel is {rule!r})")
@@ -306,11 +309,10 @@ def _check_parallel(family: str, rule: str, threshold, factor, steps) -> None:
                          f"(dllm_parallel is {rule!r})")
     if rule == "none":
         return
-    if family == DREAM:
+    if family == DREAM and not blocks:
         raise ValueError(
-            "dllm_parallel is not available for Dream models yet: Fast-dLLM decodes "
-            "Dream in parallel with its block-wise Dream generation, which vllm-dare "
-            "does not implement yet")
+            "dllm_parallel for Dream needs dllm_block_length: Fast-dLLM decodes Dream "
+            "in parallel within its block-wise Dream generation")
     if steps is not None:
         raise ValueError(f"dllm_steps does not apply with dllm_parallel={rule!r}: a "
                          "step commits as many tokens as the rule accepts, until the "
@@ -327,7 +329,8 @@ def _with_parallel(knobs: dict[str, Any], defaults: DenoisingDefaults,
         threshold, factor = defaults.threshold, defaults.factor
     threshold = knobs.get("dllm_threshold", threshold)
     factor = knobs.get("dllm_factor", factor)
-    _check_parallel(params.family, rule, threshold, factor, knobs.get("dllm_steps"))
+    _check_parallel(params.family, rule, threshold, factor, knobs.get("dllm_steps"),
+                    blocks=bool(params.block_length))
     if rule == "none":
         return params
     return replace(
@@ -391,10 +394,15 @@ def resolve_params(
         )))
 
     alg_temp = knobs.get("dllm_alg_temp", defaults.alg_temp)
+    block_length = knobs.get("dllm_block_length", 0)
+    if block_length:
+        _check_dream_blocks(knobs, gen_length, steps, block_length,
+                            knobs.get("dllm_parallel", defaults.parallel))
     return _with_cache(knobs, defaults, _with_parallel(knobs, defaults, DenoisingParams(
         family=DREAM,
         gen_length=gen_length,
         steps=steps,
+        block_length=block_length,
         temperature=temperature,
         alg=knobs.get("dllm_alg", defaults.alg),
         alg_temp=None if alg_temp is None else float(alg_temp),
@@ -403,6 +411,31 @@ def resolve_params(
         top_k=knobs.get("dllm_top_k", defaults.top_k),
         seed=knobs.get("dllm_seed"),
     )))
+
+
+def _check_dream_blocks(knobs: dict[str, Any], gen_length: int, steps: int,
+                       block_length: int, parallel: str) -> None:
+    """Fast-dLLM's block-wise Dream generation: whole blocks, the same steps in
+    each, at least two (the first decodes only the block's first token), and its
+    own ranking (negative entropy), so no ``dllm_alg``."""
+    if gen_length % block_length != 0:
+        raise ValueError(
+            f"max_tokens={gen_length} must be a multiple of the block length "
+            f"{block_length} (dllm_block_length); note that the OpenAI server "
+            "caps max_tokens at max_model_len - prompt length")
+    for key in ("dllm_alg", "dllm_alg_temp"):
+        if key in knobs:
+            raise ValueError(
+                f"{key} does not apply with dllm_block_length: Fast-dLLM's block-wise "
+                "Dream generation ranks a block's positions by negative entropy")
+    if parallel != "none":
+        return
+    num_blocks = gen_length // block_length
+    if steps % num_blocks != 0 or steps // num_blocks < 2:
+        raise ValueError(
+            f"dllm_steps={steps} must be a multiple of the number of blocks "
+            f"{num_blocks} (max_tokens / dllm_block_length) with at least 2 steps per "
+            "block (the first decodes only the block's first token)")
 
 
 def _with_cache(knobs: dict[str, Any], defaults: DenoisingDefaults,
