@@ -12,6 +12,9 @@ Modes (``--modes``):
 
 * ``exact``               -- vLLM's own attention backend, every activation recomputed
 * ``exact:steps/K``       -- exact, with K times fewer denoising steps (K tokens per step)
+* ``exact:random``        -- LLaDA with random remasking (``dllm_remasking`` =
+  ``random``, ``dllm_seed`` 0): the baseline of ``exact:random@dkv_greedy``
+  (dKV-Cache Greedy needs it)
 * ``exact:blocks``        -- Dream: Fast-dLLM's block-wise Dream generation
   (``dllm_block_length`` = ``--block-length``) with no cache; Dream modes with
   ``@prefix``, ``@dual`` or parallel decoding run it too
@@ -100,6 +103,8 @@ def parse_mode(text: str) -> Mode:
                     {**mode.extra_args, "dllm_cache": cache})
     if text == "exact":
         return Mode(text, "exact")
+    if text == "exact:random":
+        return Mode(text, "exact", extra_args={"dllm_remasking": "random", "dllm_seed": 0})
     if text == "exact:blocks":
         return Mode(text, "exact", extra_args={"blocks": True})
     if text.startswith("exact:steps/"):

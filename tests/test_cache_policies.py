@@ -9,7 +9,11 @@ from engine_steps import PROMPTS
 from vllm import SamplingParams
 
 from vllm_dare.reference import load_reference_model
-from vllm_dare.reference.dkv_cache import dream_generate_dkv, llada_generate_dkv_decode
+from vllm_dare.reference.dkv_cache import (
+    dream_generate_dkv,
+    llada_generate_dkv_decode,
+    llada_generate_dkv_greedy,
+)
 from vllm_dare.reference.fast_dllm_cache import llada_generate_cached
 from vllm_dare.reference.fast_dllm_dream import dream_generate_blockwise
 from vllm_dare.reference.freecache import dream_generate_freecache, llada_generate_freecache
@@ -146,8 +150,8 @@ def test_policies_mixed_in_one_batch_with_guidance_and_an_abort(llada_engine, ti
 
 @pytest.mark.parametrize("extra,message", [
     ({"dllm_cache": "lru"},
-     "dllm_cache must be one of dkv_decode, dkv_pd, dkv_prefill, dual, freecache, none, "
-     "prefix"),
+     "dllm_cache must be one of dkv_decode, dkv_greedy, dkv_pd, dkv_prefill, dual, "
+     "freecache, none, prefix"),
     ({"dllm_cache": "dkv_decode", "dllm_cfg_scale": 1.0}, "does not support classifier-free"),
     ({"dllm_cache": "dkv_decode", "dllm_cache_window": 2}, "has no dllm_cache_window"),
     ({"dllm_cache": "dkv_prefill"}, "applies to Dream models only"),
@@ -157,6 +161,9 @@ def test_policies_mixed_in_one_batch_with_guidance_and_an_abort(llada_engine, ti
     ({"dllm_cache": "dual", "dllm_cache_refresh": 4}, "has no dllm_cache_refresh"),
     ({"dllm_cache": "prefix", "dllm_cache_window": 4}, "has no dllm_cache_window"),
     ({"dllm_cache": 1}, "dllm_cache must be a string"),
+    ({"dllm_cache": "dkv_greedy"}, "needs dllm_remasking='random'"),
+    ({"dllm_cache": "dkv_greedy", "dllm_remasking": "random", "dllm_cfg_scale": 1.0},
+     "does not support classifier-free guidance"),
     ({"dllm_cache_refresh": 0}, "dllm_cache_refresh must be a positive integer"),
 ])
 def test_bad_cache_knobs_are_rejected_and_the_engine_serves_on(llada_engine, extra, message):
@@ -202,6 +209,40 @@ def test_dream_freecache_matches_reference(dream_engine, tiny_dream):
         assert tokens == want
         assert fig["computed_rows"] == (want_fig["computed_rows"]
                                         + len(prompt) * ref.spec.num_layers)
+
+
+@pytest.mark.parametrize("gen_length,steps,block_length,refresh,window", [
+    (32, 32, 8, None, None), (32, 16, 16, 3, 2), (24, 12, 8, 2, 1)])
+def test_llada_dkv_greedy_matches_reference(llada_engine, tiny_llada, gen_length, steps,
+                                            block_length, refresh, window):
+    """dKV-Cache Greedy: each request's order is drawn from its seed at every block
+    start, as the reference draws it; tokens, forwards and rows equal."""
+    import torch
+
+    llm = llada_engine()
+    ref = load_reference_model(tiny_llada)
+    ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
+    extra = {"dllm_steps": steps, "dllm_block_length": block_length,
+             "dllm_cache": "dkv_greedy", "dllm_remasking": "random"}
+    if refresh is not None:
+        extra["dllm_cache_refresh"] = refresh
+    if window is not None:
+        extra["dllm_cache_window"] = window
+    extras = [{**extra, "dllm_seed": 100 + k} for k in range(len(ids))]
+    params = [SamplingParams(max_tokens=gen_length, extra_args=e, ignore_eos=True)
+              for e in extras]
+    outs = llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
+    layers = ref.spec.num_layers
+    for k, (prompt, out) in enumerate(zip(ids, outs)):
+        want, want_fig = llada_generate_dkv_greedy(
+            ref, prompt, ref.spec.mask_token_id, gen_length, steps, block_length,
+            cache_reloading_step=refresh or 2, window_size=4 if window is None else window,
+            generator=torch.Generator().manual_seed(100 + k))
+        fig = out.kv_transfer_params["dllm"]
+        assert list(out.outputs[0].token_ids) == want
+        assert fig["forwards"] == want_fig["forwards"] + 1
+        assert fig["computed_rows"] == want_fig["computed_rows"] + len(prompt) * layers
+        assert fig["computed_rows"] < fig["forwards"] * (len(prompt) + gen_length) * layers
 
 
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])

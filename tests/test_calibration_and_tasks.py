@@ -224,6 +224,9 @@ def test_harness_mode_options_become_request_knobs():
     assert parallel.engine == "exact" and parallel.extra_args == {
         "dllm_cache": "dual", "dllm_parallel": "threshold", "dllm_threshold": 0.8}
     assert parse("dare-kv:0.05~factor:2").extra_args["dllm_factor"] == 2.0
+    assert parse("exact:random@dkv_greedy").extra_args == {
+        "dllm_remasking": "random", "dllm_seed": 0, "dllm_cache": "dkv_greedy"}
+    assert parse("exact:blocks@dual").extra_args == {"blocks": True, "dllm_cache": "dual"}
 
 
 def test_max_mode_must_serve_the_modes_measured(capsys):

@@ -70,7 +70,9 @@ class DenoisingView:
     algorithms without blocks); ``block_start`` is True when that step is the
     first of its block, ``step_in_block`` counts the block's steps before it
     (skipped steps that unmask nothing included). ``masked`` (read on first use)
-    says which canvas positions still hold [MASK].
+    says which canvas positions still hold [MASK]. ``next_unmasked``: the canvas
+    positions the next step will unmask, most confident first, where the
+    denoiser knows them in advance (an order drawn at the block start), else None.
     """
 
     prompt_len: int
@@ -80,6 +82,7 @@ class DenoisingView:
     step_in_block: int
     canvas: torch.Tensor = field(repr=False)
     mask_token_id: int
+    next_unmasked: np.ndarray | None = None
 
     @cached_property
     def masked(self) -> np.ndarray:

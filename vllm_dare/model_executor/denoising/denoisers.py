@@ -59,6 +59,11 @@ class Denoiser:
     def step_in_block(self) -> int:
         return self.next_step
 
+    def known_next_positions(self):
+        """The canvas positions the next step will unmask (numpy, most confident
+        first) when the algorithm knows them before the forward, else None."""
+        return None
+
     def logit_positions(self) -> torch.Tensor:
         """int64, ascending: the canvas positions whose logits the next step reads
         (those it may unmask)."""
@@ -163,6 +168,61 @@ class LLaDADenoiser(Denoiser):
         confidence = torch.where(masked, confidence, float("-inf"))
         self.last_confidence = confidence
         return tokens, confidence
+
+
+class LLaDAKnownOrderDenoiser(LLaDADenoiser):
+    """LLaDA's random remasking with the order drawn once per block (the
+    variant dKV-Cache Greedy decodes with): at each block start the block's
+    positions get one random number each (float64, the request's generator) and
+    each step unmasks the next ones in descending order, as many as the block's
+    schedule says. The next step's positions are known before its forward, so
+    only their logits are computed."""
+
+    def __init__(self, params: DenoisingParams, mask_token_id: int, device: torch.device):
+        super().__init__(params, mask_token_id, device)
+        self.order: torch.Tensor | None = None  # the current block's, canvas positions
+        self.order_block = -1
+        self.taken = 0
+
+    def _block_order(self) -> torch.Tensor:
+        block = self.next_step // self.params.steps_per_block
+        if block != self.order_block:
+            start, end = self.block_range()
+            draws = torch.rand(end - start, dtype=torch.float64, device=self.canvas.device,
+                               generator=self.generator)
+            self.order = start + torch.sort(draws, descending=True).indices
+            self.order_block = block
+            self.taken = 0
+        return self.order
+
+    def _next(self) -> torch.Tensor:
+        k = self._count(self.next_step)
+        return self._block_order()[self.taken:self.taken + k]
+
+    def known_next_positions(self):
+        return self._next().cpu().numpy()
+
+    def eligible(self) -> torch.Tensor:
+        eligible = torch.zeros_like(self.canvas, dtype=torch.bool)
+        eligible[self._next()] = True
+        return eligible
+
+    def _step(self, logits: torch.Tensor, positions: torch.Tensor) -> bool:
+        p = self.params
+        chosen = self._next()
+        if p.temperature > 0:
+            l64 = logits.double()
+            u = torch.rand((self.gen_length, l64.shape[-1]), dtype=l64.dtype,
+                           device=l64.device, generator=self.generator)[positions]
+            row_tokens = (l64.exp() / (-torch.log(u)) ** p.temperature).argmax(dim=-1)
+        else:
+            row_tokens = logits.argmax(dim=-1)
+        self.canvas[chosen] = row_tokens[torch.searchsorted(positions, chosen)]
+        self.taken += chosen.numel()
+        self.next_step += 1
+        while self.next_step < p.steps and self._count(self.next_step) == 0:
+            self.next_step += 1
+        return self.next_step >= p.steps
 
 
 def accepted_count(confidence: torch.Tensor, rule: str, threshold: float,
@@ -424,6 +484,8 @@ def make_denoiser(
     if params.family == LLADA:
         if params.parallel != "none":
             return LLaDAParallelDenoiser(params, mask_token_id, device)
+        if params.cache == "dkv_greedy":
+            return LLaDAKnownOrderDenoiser(params, mask_token_id, device)
         return LLaDADenoiser(params, mask_token_id, device)
     if params.family == DREAM:
         if params.block_length:

@@ -158,6 +158,7 @@ class DenoisingModelState(DefaultModelState):
                         step_in_block=denoiser.step_in_block(),
                         canvas=denoiser.canvas,
                         mask_token_id=denoiser.mask_token_id,
+                        next_unmasked=denoiser.known_next_positions(),
                     ))
                     plan.check(prompt_len + denoiser.gen_length)
                 except Exception as exc:  # this request fails, the batch goes on
