@@ -433,8 +433,12 @@ def evaluate(args, engine_for=None) -> dict:
                           "prompt_tokens": len(task_items[t][0][0]),
                           "requests": len(task_items[t])} for t in tasks},
             "steps": "gen_length / K (one token per step for K = 1)",
-            "block_length": min(args.block_length, longest) if family == "llada" else None,
-            "dream_alg": args.dream_alg if family == "dream" else None,
+            "block_length": (
+                min(args.block_length, longest)
+                if family == "llada" or any(dream_blockwise(m.extra_args) for m in modes)
+                else None),
+            "dream_alg": (f"{args.dream_alg} (block-wise modes: negative entropy)"
+                          if family == "dream" else None),
             "dare_engine_config": args.dare_engine_config,
             "batch": f"all requests of a task in one generate call ({args.per_task})",
             "hardware": hardware(), "decoding": "greedy (temperature 0)",

@@ -97,3 +97,66 @@ def test_cache_policies_on_the_packaged_models_equal_their_references(engines, n
             assert list(out.outputs[0].token_ids) == want, (name, cache)
             assert out.kv_transfer_params["dllm"]["computed_rows"] == (
                 figures["computed_rows"] + len(prompt) * ref.spec.num_layers)
+
+
+@pytest.mark.parametrize("name", ["llada-tasks", "dream-tasks"])
+def test_fast_dllm_rules_on_the_packaged_models_equal_their_references(engines, name):
+    """Parallel decoding, Fast-dLLM's block-wise Dream generation with its caches and
+    dKV-Cache Greedy equal their references on the trained models (held-out
+    questions of the longest task, batched)."""
+    import torch
+
+    from vllm_dare.reference import load_reference_model
+    from vllm_dare.reference.cached_generation import llada_generate_with_cache
+    from vllm_dare.reference.dkv_cache import llada_generate_dkv_greedy
+    from vllm_dare.reference.fast_dllm_dream import dream_generate_blockwise
+    from vllm_dare.reference.parallel_decoding import llada_generate_parallel
+
+    path = packaged_model_path(name)
+    llm = engines.get(path)
+    ref = load_reference_model(path)
+    mask = ref.spec.mask_token_id
+    tok = llm.get_tokenizer()
+    gen = TASKS["words"].gen_length
+    prompts = [prompt_ids(tok, ex.question) for ex in held_out("words")[:6]]
+    threshold = {"dllm_parallel": "threshold", "dllm_threshold": 0.9}
+    if name == "llada-tasks":
+        def dual(p):
+            L = len(p) + gen
+
+            def feed(x, start, end, j):
+                return (torch.arange(L) if j == 0 else torch.arange(start, end)), None
+            return llada_generate_with_cache(ref, p, mask, gen, gen, 8, feed,
+                                             parallel=("threshold", 0.9, 1.0))[0]
+
+        cases = {
+            "threshold": ({"dllm_block_length": 8, **threshold},
+                          lambda p, k: llada_generate_parallel(ref.logits, p, mask, gen, 8)[0]),
+            "dual+threshold": ({"dllm_block_length": 8, "dllm_cache": "dual", **threshold},
+                               lambda p, k: dual(p)),
+            "dkv_greedy": ({"dllm_block_length": 8, "dllm_steps": gen,
+                            "dllm_remasking": "random", "dllm_cache": "dkv_greedy"},
+                           lambda p, k: llada_generate_dkv_greedy(
+                               ref, p, mask, gen, gen, 8,
+                               generator=torch.Generator().manual_seed(k))[0]),
+        }
+    else:
+        blocks = {"dllm_block_length": 8}
+        cases = {
+            "blocks": ({**blocks, "dllm_steps": gen}, lambda p, k: dream_generate_blockwise(
+                ref, p, mask, gen, gen, 8)[0]),
+            "blocks+dual": ({**blocks, "dllm_steps": gen, "dllm_cache": "dual"},
+                            lambda p, k: dream_generate_blockwise(
+                                ref, p, mask, gen, gen, 8, "dual")[0]),
+            "blocks+prefix+threshold": (
+                {**blocks, "dllm_cache": "prefix", **threshold},
+                lambda p, k: dream_generate_blockwise(ref, p, mask, gen, gen, 8, "prefix",
+                                                      parallel=("threshold", 0.9, 1.0))[0]),
+        }
+    for case, (knobs, reference) in cases.items():
+        params = [SamplingParams(max_tokens=gen, ignore_eos=True,
+                                 extra_args={**knobs, "dllm_seed": k})
+                  for k in range(len(prompts))]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        for k, (prompt, out) in enumerate(zip(prompts, outs)):
+            assert list(out.outputs[0].token_ids) == reference(prompt, k), (name, case, k)
