@@ -241,16 +241,13 @@ def accepted_count(confidence: torch.Tensor, rule: str, threshold: float,
     return 1 + int(torch.cumprod(passes.to(torch.int64), 0).sum())
 
 
-class LLaDAParallelDenoiser(LLaDADenoiser):
-    """LLaDA's blocks with Fast-dLLM's parallel decoding: each step commits the
-    block's most confident masked position and the next most confident ones the
-    rule accepts (``dllm_parallel``: ``threshold`` / ``factor``); a block takes
-    as many steps as it needs, and the next block starts when it is done."""
+class BlockProgress:
+    """Progress through the canvas block by block, for algorithms whose blocks take
+    a data-dependent number of steps: the next block starts when the current one
+    has no masked position left."""
 
-    def __init__(self, params: DenoisingParams, mask_token_id: int, device: torch.device):
-        super().__init__(params, mask_token_id, device)
-        self.block = 0
-        self.step_of_block = 0
+    block = 0
+    step_of_block = 0
 
     def at_block_start(self) -> bool:
         return self.step_of_block == 0
@@ -261,6 +258,19 @@ class LLaDAParallelDenoiser(LLaDADenoiser):
 
     def step_in_block(self) -> int:
         return self.step_of_block
+
+    def _next_block_if_done(self, remaining: int) -> None:
+        """After a step: ``remaining`` masked positions are left in the block."""
+        if remaining == 0:
+            self.block += 1
+            self.step_of_block = 0
+
+
+class LLaDAParallelDenoiser(BlockProgress, LLaDADenoiser):
+    """LLaDA's blocks with Fast-dLLM's parallel decoding: each step commits the
+    block's most confident masked position and the next most confident ones the
+    rule accepts (``dllm_parallel``: ``threshold`` / ``factor``); a block takes
+    as many steps as it needs, and the next block starts when it is done."""
 
     def eligible(self) -> torch.Tensor:
         start, end = self.block_range()
@@ -280,9 +290,7 @@ class LLaDAParallelDenoiser(LLaDADenoiser):
         self.canvas[chosen] = tokens[chosen]
         self.next_step += 1
         self.step_of_block += 1
-        if k == num_masked:  # the block is done
-            self.block += 1
-            self.step_of_block = 0
+        self._next_block_if_done(num_masked - k)
         return self.block >= p.num_blocks
 
 
@@ -392,7 +400,7 @@ class DreamDenoiser(Denoiser):
             self.next_step += 1
 
 
-class DreamBlockDenoiser(DreamDenoiser):
+class DreamBlockDenoiser(BlockProgress, DreamDenoiser):
     """Fast-dLLM's block-wise Dream generation (``dllm_block_length`` set for a
     Dream request). Per block of the canvas, ``steps / num_blocks`` steps:
 
@@ -410,18 +418,6 @@ class DreamBlockDenoiser(DreamDenoiser):
         Denoiser.__init__(self, params, mask_token_id, device)
         self.steps_per_block = params.steps // params.num_blocks
         self.timesteps = torch.linspace(1, params.eps, self.steps_per_block + 1)
-        self.block = 0
-        self.step_of_block = 0
-
-    def at_block_start(self) -> bool:
-        return self.step_of_block == 0
-
-    def block_range(self) -> tuple[int, int]:
-        length = self.params.block_length
-        return self.block * length, (self.block + 1) * length
-
-    def step_in_block(self) -> int:
-        return self.step_of_block
 
     def eligible(self) -> torch.Tensor:
         start, end = self.block_range()
@@ -472,9 +468,7 @@ class DreamBlockDenoiser(DreamDenoiser):
             while (remaining and self.step_of_block < self.steps_per_block - 1
                    and self._block_count(self.step_of_block, remaining) == 0):
                 self.step_of_block += 1
-        if remaining == 0:
-            self.block += 1
-            self.step_of_block = 0
+        self._next_block_if_done(remaining)
         return self.block >= p.num_blocks
 
 
