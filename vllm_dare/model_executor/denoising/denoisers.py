@@ -137,6 +137,18 @@ class LLaDADenoiser(Denoiser):
             self.next_step += 1
         return self.next_step >= p.steps
 
+    def _row_tokens(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The token of each logits row: argmax, or with a temperature Gumbel-max in
+        float64, argmax(exp(l) / (-log u) ** T). The noise is drawn for the whole
+        canvas, as the reference does, so a seed gives the same tokens whatever
+        rows have logits."""
+        if self.params.temperature == 0:
+            return logits.argmax(dim=-1)
+        l64 = logits.double()
+        u = torch.rand((self.gen_length, l64.shape[-1]), dtype=l64.dtype,
+                       device=l64.device, generator=self.generator)[positions]
+        return (l64.exp() / (-torch.log(u)) ** self.params.temperature).argmax(dim=-1)
+
     def _choices(self, logits: torch.Tensor, positions: torch.Tensor,
                  block: int) -> tuple[torch.Tensor, torch.Tensor]:
         """LLaDA's candidate token of every canvas position (the canvas where no
@@ -144,16 +156,7 @@ class LLaDADenoiser(Denoiser):
         masked positions); records the confidence in ``last_confidence``."""
         p = self.params
         masked = self.canvas == self.mask_token_id
-        if p.temperature > 0:
-            # Gumbel-max in float64: argmax(exp(l) / (-log u) ** T). The noise is
-            # drawn for the whole canvas, as the reference does, so a seed gives
-            # the same tokens whatever rows have logits.
-            l64 = logits.double()
-            u = torch.rand((self.gen_length, l64.shape[-1]), dtype=l64.dtype,
-                           device=l64.device, generator=self.generator)[positions]
-            row_tokens = (l64.exp() / (-torch.log(u)) ** p.temperature).argmax(dim=-1)
-        else:
-            row_tokens = logits.argmax(dim=-1)
+        row_tokens = self._row_tokens(logits, positions)
         tokens = self.canvas.clone()
         tokens[positions] = row_tokens
         if p.remasking == "low_confidence":
@@ -210,13 +213,7 @@ class LLaDAKnownOrderDenoiser(LLaDADenoiser):
     def _step(self, logits: torch.Tensor, positions: torch.Tensor) -> bool:
         p = self.params
         chosen = self._next()
-        if p.temperature > 0:
-            l64 = logits.double()
-            u = torch.rand((self.gen_length, l64.shape[-1]), dtype=l64.dtype,
-                           device=l64.device, generator=self.generator)[positions]
-            row_tokens = (l64.exp() / (-torch.log(u)) ** p.temperature).argmax(dim=-1)
-        else:
-            row_tokens = logits.argmax(dim=-1)
+        row_tokens = self._row_tokens(logits, positions)
         self.canvas[chosen] = row_tokens[torch.searchsorted(positions, chosen)]
         self.taken += chosen.numel()
         self.next_step += 1
