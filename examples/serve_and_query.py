@@ -3,7 +3,8 @@
 Starts ``vllm-dare serve`` (vLLM's server, set up for diffusion models) with the
 DARE backend on the packaged default model (the trained LLaDA-architecture task model, or --model PATH),
 asks it one held-out question per task in exact mode and with DARE reuse, asks one
-with each of two cache policies (which feed fewer tokens per forward), streams an
+with each of two cache policies (which feed fewer tokens per forward) and with
+each parallel-decoding rule (which commit more tokens per forward), streams an
 answer, shows the HTTP 400 for a bad knob, and stops the server. Exits non-zero if
 an exact-mode answer is wrong.
 
@@ -109,6 +110,22 @@ def main() -> None:
             print(f"[dllm_cache={cache}] {ex.question!r} -> {answer!r} "
                   f"({'correct' if is_correct(ex, answer) else 'wrong'}; "
                   f"{dllm.get('computed_rows')} token-layer rows computed)")
+
+        # Parallel decoding: each step commits every position the rule accepts,
+        # so the answer takes fewer forwards (NFE, the prompt-only pass included).
+        for rule, knobs in (("none", {}), ("threshold", {"dllm_threshold": 0.9}),
+                            ("factor", {"dllm_factor": 1.0})):
+            out = client.chat.completions.create(
+                model="dllm", messages=[{"role": "user", "content": ex.question}],
+                max_tokens=TASKS["words"].gen_length, temperature=0,
+                extra_body={"vllm_xargs": {"dllm_block_length": 8, "dllm_parallel": rule,
+                                           **knobs}},
+            )
+            answer = out.choices[0].message.content
+            dllm = ((out.model_extra or {}).get("kv_transfer_params") or {}).get("dllm", {})
+            print(f"[dllm_parallel={rule}] {ex.question!r} -> {answer!r} "
+                  f"({'correct' if is_correct(ex, answer) else 'wrong'}; "
+                  f"{dllm.get('forwards')} forwards)")
 
         stream = client.chat.completions.create(
             model="dllm", messages=[{"role": "user", "content": "words 512"}],

@@ -47,6 +47,14 @@ def test_serve_and_query_answers_streams_and_refuses(engines):
         rows[cache] = int(line.rsplit("; ", 1)[1].split()[0])
     # words: gen 32 in blocks of 8; DualCache feeds one block on 7 of a block's 8 steps.
     assert rows["dual"] < rows["dkv_decode"] < rows["none"], rows
+    nfe = {}
+    for rule in ("none", "threshold", "factor"):
+        line = next(x for x in out.splitlines() if x.startswith(f"[dllm_parallel={rule}]"))
+        assert "(correct;" in line, line
+        nfe[rule] = int(line.rsplit("; ", 1)[1].split()[0])
+    # 32 tokens in blocks of 8: one token per step is 32 forwards + the prompt pass;
+    # a rule commits at least one per step, more where the model is confident.
+    assert nfe["none"] == 33 and nfe["threshold"] < 33 and nfe["factor"] < 33, nfe
     stream = next(x for x in out.splitlines() if x.startswith("[stream]"))
     assert stream.startswith("[stream] 'words 512' -> 'five hundred twelve' in "), stream
     # The answer arrives in pieces while the canvas is still being denoised.
