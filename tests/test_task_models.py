@@ -53,6 +53,18 @@ def test_task_model_answers_held_out_questions(engines, name, arch):
         assert correct > 0.5 * PER_TASK, (name, task, correct)
 
 
+def _words_questions(engines, name):
+    """The packaged model's engine and dense reference, and six held-out
+    questions of its longest task (``words``) as prompt token ids."""
+    from vllm_dare.reference import load_reference_model
+
+    path = packaged_model_path(name)
+    llm = engines.get(path)
+    tok = llm.get_tokenizer()
+    prompts = [prompt_ids(tok, ex.question) for ex in held_out("words")[:6]]
+    return llm, load_reference_model(path), prompts
+
+
 @pytest.mark.parametrize("name,caches", [
     ("llada-tasks", ["prefix", "dual", "dkv_decode", "freecache"]),
     ("dream-tasks", ["dkv_decode", "dkv_prefill", "dkv_pd", "freecache"]),
@@ -60,18 +72,12 @@ def test_task_model_answers_held_out_questions(engines, name, arch):
 def test_cache_policies_on_the_packaged_models_equal_their_references(engines, name, caches):
     """Each policy through vLLM equals its dense reference token for token on the
     trained models too (held-out questions of the longest task, batched)."""
-    from vllm_dare.reference import load_reference_model
     from vllm_dare.reference.dkv_cache import dream_generate_dkv, llada_generate_dkv_decode
     from vllm_dare.reference.fast_dllm_cache import llada_generate_cached
     from vllm_dare.reference.freecache import dream_generate_freecache, llada_generate_freecache
 
-    path = packaged_model_path(name)
-    llm = engines.get(path)
-    ref = load_reference_model(path)
-    mask = ref.spec.mask_token_id
-    tok = llm.get_tokenizer()
-    gen = TASKS["words"].gen_length
-    prompts = [prompt_ids(tok, ex.question) for ex in held_out("words")[:6]]
+    llm, ref, prompts = _words_questions(engines, name)
+    mask, gen = ref.spec.mask_token_id, TASKS["words"].gen_length
     if name == "llada-tasks":
         knobs = {"dllm_steps": gen, "dllm_block_length": 8}
         references = {
@@ -106,19 +112,13 @@ def test_fast_dllm_rules_on_the_packaged_models_equal_their_references(engines, 
     questions of the longest task, batched)."""
     import torch
 
-    from vllm_dare.reference import load_reference_model
     from vllm_dare.reference.cached_generation import llada_generate_with_cache
     from vllm_dare.reference.dkv_cache import llada_generate_dkv_greedy
     from vllm_dare.reference.fast_dllm_dream import dream_generate_blockwise
     from vllm_dare.reference.parallel_decoding import llada_generate_parallel
 
-    path = packaged_model_path(name)
-    llm = engines.get(path)
-    ref = load_reference_model(path)
-    mask = ref.spec.mask_token_id
-    tok = llm.get_tokenizer()
-    gen = TASKS["words"].gen_length
-    prompts = [prompt_ids(tok, ex.question) for ex in held_out("words")[:6]]
+    llm, ref, prompts = _words_questions(engines, name)
+    mask, gen = ref.spec.mask_token_id, TASKS["words"].gen_length
     threshold = {"dllm_parallel": "threshold", "dllm_threshold": 0.9}
     if name == "llada-tasks":
         def dual(p):
