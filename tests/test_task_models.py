@@ -53,13 +53,14 @@ def test_task_model_answers_held_out_questions(engines, name, arch):
         assert correct > 0.5 * PER_TASK, (name, task, correct)
 
 
-def _words_questions(engines, name):
-    """The packaged model's engine and dense reference, and six held-out
-    questions of its longest task (``words``) as prompt token ids."""
+def _words_questions(engines, name, **engine_args):
+    """The packaged model's engine (``engine_args``: more ``LLM`` arguments) and
+    dense reference, and six held-out questions of its longest task (``words``) as
+    prompt token ids."""
     from vllm_dare.reference import load_reference_model
 
     path = packaged_model_path(name)
-    llm = engines.get(path)
+    llm = engines.get(path, **engine_args)
     tok = llm.get_tokenizer()
     prompts = [prompt_ids(tok, ex.question) for ex in held_out("words")[:6]]
     return llm, load_reference_model(path), prompts
@@ -160,3 +161,41 @@ def test_fast_dllm_rules_on_the_packaged_models_equal_their_references(engines, 
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         for k, (prompt, out) in enumerate(zip(prompts, outs)):
             assert list(out.outputs[0].token_ids) == reference(prompt, k), (name, case, k)
+
+
+@pytest.mark.parametrize("name", ["llada-tasks", "dream-tasks"])
+def test_dare_on_the_packaged_models_equals_its_reference(engines, name):
+    """DARE with reuse on equals the DARE reference token for token and in its
+    reuse counts on the trained models (held-out questions of the longest task,
+    batched): the engine default (kv+o at tau 0.05), and DARE-KV at tau 0.05 alone
+    and with candidates limited to 2. With O reused, a token that is not forced
+    reuses every layer (its layer-0 query never changes, so neither does any later
+    layer's input); in mode kv the predictor refuses rows, checked against the
+    same reference with the threshold above any delta."""
+    from vllm_dare.cache_policies.dare_reuse import DareSettings
+    from vllm_dare.reference.dare_generation import dream_generate_dare, llada_generate_dare
+
+    llm, ref, prompts = _words_questions(engines, name, attention_backend="dare")
+    mask, gen = ref.spec.mask_token_id, TASKS["words"].gen_length
+    kv = {"dare_mode": "kv", "dare_tau_kv": 0.05}
+    requests = [{}, kv, {**kv, "dare_recompute_candidates": True, "dare_candidate_limit": 2}] * 2
+    knobs = ({"dllm_steps": gen, "dllm_block_length": 8} if name == "llada-tasks"
+             else {"dllm_steps": gen, "dllm_alg": "maskgit_plus"})
+
+    def reference(prompt, overrides):
+        settings = DareSettings().for_request(overrides)
+        if name == "llada-tasks":
+            return llada_generate_dare(ref, prompt, mask, gen, gen, 8, settings)
+        return dream_generate_dare(ref, prompt, mask, gen, gen, settings, alg="maskgit_plus")
+
+    params = [SamplingParams(max_tokens=gen, ignore_eos=True, extra_args={**knobs, **o})
+              for o in requests]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for k, (prompt, out, o) in enumerate(zip(prompts, outs, requests)):
+        want, counts = reference(prompt, o)
+        assert list(out.outputs[0].token_ids) == want, (name, k)
+        got = out.kv_transfer_params["dare"]
+        assert {key: got[key] for key in counts} == counts, (name, k)
+        assert counts["kv_reused"] > 0
+    _, forced_only = reference(prompts[1], {**kv, "dare_tau_kv": 1e6})
+    assert outs[1].kv_transfer_params["dare"]["kv_reused"] < forced_only["kv_reused"]

@@ -1,6 +1,8 @@
 """Pure-PyTorch reference of LLaDA and Dream (forward + official generation), and
 of each cache policy's generation (``fast_dllm_cache``, ``dkv_cache``,
-``freecache``).
+``freecache``), of parallel decoding (``parallel_decoding``), of Fast-dLLM's
+block-wise Dream (``fast_dllm_dream``) and of DARE with reuse on
+(``dare_generation``).
 
 Readable, unoptimised, and independent of vLLM: the oracle for the engine's exact
 mode, for the benchmark harness and for the training script. It is itself checked
