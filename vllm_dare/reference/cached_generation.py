@@ -97,8 +97,8 @@ def llada_generate_with_cache(
             if cfg_scale > 0:
                 cond, uncond_logits = logits
                 logits = [uncond_logits + (cfg_scale + 1) * (cond - uncond_logits)]
-            x0, confidence = _llada_choices(logits[0], eligible - P, gen_length, remasking,
-                                            temperature, generator)
+            x0, confidence = _llada_choices(logits[0], eligible - P, P, gen_length,
+                                            remasking, temperature, generator)
             if parallel is None:
                 k = counts[j]
             else:
@@ -109,22 +109,25 @@ def llada_generate_with_cache(
     return x[P:].tolist(), figures.as_dict()
 
 
-def _llada_choices(logits, canvas_positions, gen_length, remasking, temperature, generator):
+def _llada_choices(logits, canvas_positions, prompt_len, gen_length, remasking, temperature,
+                   generator):
     """Token and confidence of each row, as LLaDA's step computes them (random
-    draws are made for the whole canvas, as the exact reference makes them)."""
+    draws are made for the whole sequence, prompt and canvas, as the exact
+    reference makes them)."""
+    rows = prompt_len + canvas_positions
     if temperature == 0:
         x0 = logits.argmax(dim=-1)
     else:
         lg = logits.to(torch.float64)
-        noise = torch.rand((gen_length, lg.shape[-1]), dtype=torch.float64,
-                           generator=generator)[canvas_positions]
+        noise = torch.rand((prompt_len + gen_length, lg.shape[-1]), dtype=torch.float64,
+                           generator=generator)[rows]
         x0 = (lg.exp() / (-torch.log(noise)) ** temperature).argmax(dim=-1)
     if remasking == "low_confidence":
         p = torch.softmax(logits.to(torch.float64), dim=-1)
         confidence = p.gather(-1, x0[:, None]).squeeze(-1)
     else:
-        confidence = torch.rand(gen_length, dtype=torch.float64,
-                                generator=generator)[canvas_positions]
+        confidence = torch.rand(prompt_len + gen_length,
+                                generator=generator)[rows].to(torch.float64)
     return x0, confidence
 
 

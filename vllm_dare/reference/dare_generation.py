@@ -173,7 +173,7 @@ def llada_generate_dare(
             forced = state.forced_rows(x, j == 0, P + candidates)
             hidden = state.forward(x, forced)
             logits = model.logits_of(hidden[eligible])
-            x0, confidence = _llada_choices(logits, eligible - P, gen_length, remasking,
+            x0, confidence = _llada_choices(logits, eligible - P, P, gen_length, remasking,
                                             temperature, generator)
             last_confidence = torch.full((gen_length,), float("-inf"), dtype=torch.float64)
             last_confidence[eligible - P] = confidence

@@ -65,7 +65,8 @@ def llada_generate(
                 p = torch.softmax(logits.to(torch.float64), dim=-1)
                 x0_p = torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
             elif remasking == "random":
-                x0_p = torch.rand(x0.shape, dtype=torch.float64, generator=generator)
+                # float32, as the official code draws it
+                x0_p = torch.rand(x0.shape, generator=generator).to(torch.float64)
             else:
                 raise ValueError(remasking)
             x0_p[end:] = float("-inf")

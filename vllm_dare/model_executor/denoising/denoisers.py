@@ -17,10 +17,14 @@ from vllm_dare.model_executor.denoising.params import DREAM, LLADA, DenoisingPar
 
 
 class Denoiser:
-    def __init__(self, params: DenoisingParams, mask_token_id: int, device: torch.device):
+    def __init__(self, params: DenoisingParams, mask_token_id: int, device: torch.device,
+                 prompt_len: int = 0):
         self.params = params
         self.mask_token_id = mask_token_id
         self.gen_length = params.gen_length
+        # The request's prompt length: LLaDA's random draws cover the whole
+        # sequence (prompt + canvas), as the official code draws them.
+        self.prompt_len = prompt_len
         self.canvas = torch.full(
             (params.gen_length,), mask_token_id, dtype=torch.long, device=device
         )
@@ -99,8 +103,9 @@ def llada_transfer_counts(block_length: int, steps_per_block: int) -> list[int]:
 class LLaDADenoiser(Denoiser):
     """Semi-autoregressive block denoising with low-confidence / random remasking."""
 
-    def __init__(self, params: DenoisingParams, mask_token_id: int, device: torch.device):
-        super().__init__(params, mask_token_id, device)
+    def __init__(self, params: DenoisingParams, mask_token_id: int, device: torch.device,
+                 prompt_len: int = 0):
+        super().__init__(params, mask_token_id, device, prompt_len)
         self.counts = llada_transfer_counts(params.block_length, params.steps_per_block)
 
     def _count(self, step: int) -> int:
@@ -140,14 +145,27 @@ class LLaDADenoiser(Denoiser):
     def _row_tokens(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The token of each logits row: argmax, or with a temperature Gumbel-max in
         float64, argmax(exp(l) / (-log u) ** T). The noise is drawn for the whole
-        canvas, as the reference does, so a seed gives the same tokens whatever
-        rows have logits."""
+        sequence, prompt and canvas, as the official code draws it, so a seed gives
+        the same tokens whatever rows have logits."""
         if self.params.temperature == 0:
             return logits.argmax(dim=-1)
         l64 = logits.double()
-        u = torch.rand((self.gen_length, l64.shape[-1]), dtype=l64.dtype,
-                       device=l64.device, generator=self.generator)[positions]
+        u = self._sequence_uniform(l64.shape[-1], torch.float64)[positions]
         return (l64.exp() / (-torch.log(u)) ** self.params.temperature).argmax(dim=-1)
+
+    def _sequence_uniform(self, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """Uniform draws of one step for the canvas rows of a ``[prompt_len +
+        gen_length, width]`` draw over the whole sequence (``width`` 0: a vector).
+        The prompt rows are drawn in chunks and dropped; on the CPU that is the
+        same stream as one draw."""
+        shape = (width,) if width else ()
+        chunk = max(1, (1 << 22) // max(width, 1))
+        for start in range(0, self.prompt_len, chunk):
+            rows = min(chunk, self.prompt_len - start)
+            torch.rand((rows, *shape), dtype=dtype, device=self.canvas.device,
+                       generator=self.generator)
+        return torch.rand((self.gen_length, *shape), dtype=dtype, device=self.canvas.device,
+                          generator=self.generator)
 
     def _choices(self, logits: torch.Tensor, positions: torch.Tensor,
                  block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,8 +183,8 @@ class LLaDADenoiser(Denoiser):
                                     device=logits.device)
             confidence[positions] = probs.gather(-1, row_tokens[:, None]).squeeze(-1)
         else:
-            confidence = torch.rand(self.gen_length, dtype=torch.float64, device=logits.device,
-                                    generator=self.generator)
+            # Official LLaDA: float32 uniform noise over the whole sequence.
+            confidence = self._sequence_uniform(0, torch.float32).double()
         confidence[(block + 1) * p.block_length :] = float("-inf")
         confidence = torch.where(masked, confidence, float("-inf"))
         self.last_confidence = confidence
@@ -181,8 +199,9 @@ class LLaDAKnownOrderDenoiser(LLaDADenoiser):
     schedule says. The next step's positions are known before its forward, so
     only their logits are computed."""
 
-    def __init__(self, params: DenoisingParams, mask_token_id: int, device: torch.device):
-        super().__init__(params, mask_token_id, device)
+    def __init__(self, params: DenoisingParams, mask_token_id: int, device: torch.device,
+                 prompt_len: int = 0):
+        super().__init__(params, mask_token_id, device, prompt_len)
         self.order: torch.Tensor | None = None  # the current block's, canvas positions
         self.order_block = -1
         self.taken = 0
@@ -310,8 +329,9 @@ def _filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 class DreamDenoiser(Denoiser):
     """Dream's ``diffusion_generate``: origin / maskgit_plus / topk_margin / entropy."""
 
-    def __init__(self, params: DenoisingParams, mask_token_id: int, device: torch.device):
-        super().__init__(params, mask_token_id, device)
+    def __init__(self, params: DenoisingParams, mask_token_id: int, device: torch.device,
+                 prompt_len: int = 0):
+        super().__init__(params, mask_token_id, device, prompt_len)
         self.timesteps = torch.linspace(1, params.eps, params.steps + 1)
         self._skip_empty_steps(params.gen_length)  # the first step may unmask nothing
 
@@ -374,9 +394,15 @@ class DreamDenoiser(Denoiser):
             k = self._num_transfer(i, num_masked)
             if k > 0:
                 if p.alg_temp:
-                    weights = torch.softmax(confidence / p.alg_temp, dim=-1)
-                    chosen = torch.multinomial(weights, k, replacement=False,
-                                               generator=self.generator)
+                    # Sampled over the whole sequence (weight 0 off the masked
+                    # positions), as the official code samples.
+                    P = self.prompt_len
+                    weights = torch.full((P + self.gen_length,), float("-inf"),
+                                         dtype=confidence.dtype, device=confidence.device)
+                    weights[P + positions] = confidence / p.alg_temp
+                    picked = torch.multinomial(torch.softmax(weights, dim=-1), k,
+                                               replacement=False, generator=self.generator)
+                    chosen = torch.searchsorted(positions, picked - P)
                 else:
                     chosen = torch.topk(confidence, k).indices
                 self.canvas[positions[chosen]] = tokens[chosen]
@@ -411,8 +437,9 @@ class DreamBlockDenoiser(BlockProgress, DreamDenoiser):
       until the block is done.
     """
 
-    def __init__(self, params: DenoisingParams, mask_token_id: int, device: torch.device):
-        Denoiser.__init__(self, params, mask_token_id, device)
+    def __init__(self, params: DenoisingParams, mask_token_id: int, device: torch.device,
+                 prompt_len: int = 0):
+        Denoiser.__init__(self, params, mask_token_id, device, prompt_len)
         self.steps_per_block = params.steps // params.num_blocks
         self.timesteps = torch.linspace(1, params.eps, self.steps_per_block + 1)
 
@@ -470,16 +497,17 @@ class DreamBlockDenoiser(BlockProgress, DreamDenoiser):
 
 
 def make_denoiser(
-    params: DenoisingParams, mask_token_id: int, device: torch.device
+    params: DenoisingParams, mask_token_id: int, device: torch.device, prompt_len: int = 0
 ) -> Denoiser:
+    args = (params, mask_token_id, device, prompt_len)
     if params.family == LLADA:
         if params.parallel != "none":
-            return LLaDAParallelDenoiser(params, mask_token_id, device)
+            return LLaDAParallelDenoiser(*args)
         if params.cache == "dkv_greedy":
-            return LLaDAKnownOrderDenoiser(params, mask_token_id, device)
-        return LLaDADenoiser(params, mask_token_id, device)
+            return LLaDAKnownOrderDenoiser(*args)
+        return LLaDADenoiser(*args)
     if params.family == DREAM:
         if params.block_length:
-            return DreamBlockDenoiser(params, mask_token_id, device)
-        return DreamDenoiser(params, mask_token_id, device)
+            return DreamBlockDenoiser(*args)
+        return DreamDenoiser(*args)
     raise ValueError(f"unknown model family {params.family!r}")

@@ -113,7 +113,8 @@ class DenoisingSampler:
         self.logprob_token_ids_state.add_request(req_idx, sampling_params)
         extra = sampling_params.extra_args or {}
         params = resolve_params(extra, sampling_params.max_tokens, self.defaults)
-        denoiser = make_denoiser(params, self.defaults.mask_token_id, self.device)
+        prompt_len = int(self.req_states.prompt_len.np[req_idx])  # set before this call
+        denoiser = make_denoiser(params, self.defaults.mask_token_id, self.device, prompt_len)
         owner = extra.get(CFG_TWIN_OWNER_KEY)
         self.states[req_idx] = denoiser if owner is None else CfgTwin(owner, denoiser.canvas)
         self.policies[req_idx] = make_policy(params)
