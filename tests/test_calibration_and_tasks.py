@@ -64,11 +64,21 @@ def test_diffusion_loss_trains_a_tiny_model(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
 
 
-def test_training_cli_with_bf16_autocast_and_compile_writes_a_loadable_model(tmp_path):
+def test_training_cli_with_bf16_autocast_and_compile_writes_a_loadable_model(tmp_path,
+                                                                           monkeypatch):
     """The training speed-ups (compiled forward, bf16 matmuls) run end to end and
-    write a checkpoint the reference loads, with its training card."""
+    write a checkpoint the reference loads, with its training card. The suite turns
+    TorchDynamo off (``conftest.py``); this test turns it back on, so the forward
+    really is compiled (graphs counted)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
     from vllm_dare.reference import load_reference_model
     from vllm_dare.training.train import main
+
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)  # read when compiling
+    torch._dynamo.reset()
+    graphs_before = counters["stats"]["unique_graphs"]
 
     out = tmp_path / "model"
     argv = ["llada", str(out), "--hidden-size", "32", "--layers", "1", "--heads", "2",
@@ -76,6 +86,8 @@ def test_training_cli_with_bf16_autocast_and_compile_writes_a_loadable_model(tmp
             "--eval-n", "2", "--final-eval-n", "3", "--threads", "1", "--bf16-autocast",
             "--compile", "--task-weights", '{"add": 2, "sort": 1.5}']
     main(argv)
+    assert counters["stats"]["unique_graphs"] > graphs_before
+    torch._dynamo.reset()
     card = json.loads((out / "training.json").read_text())
     assert card["steps"] == 4
     # The recorded command is the one a shell reruns: the module call, then the

@@ -262,13 +262,22 @@ def test_changed_token_recomputes_and_reused_rows_keep_their_cached_output(ops, 
 
 @OPS
 def test_query_drift_above_tau_recomputes_without_forcing(ops):
+    """No row forced: the drifted token alone is recomputed (its K/V and its
+    attention row over the cache, in which only its own K/V changed), every other
+    row is served from the cache as the previous step left it."""
     layer = Layer(ops)
-    layer.step(None)
+    before = layer.step(None)
     layer.x[15] *= 1.5  # the query of token 15 moves by 50% (relative)
     layer.kv_calls.clear()
-    layer.step(torch.zeros(layer.T, dtype=torch.bool), tau=0.2)
-    assert layer.kv_calls == [1]
-    torch.testing.assert_close(layer.step(None)[15], layer.dense()[15], **TOL)
+    layer.o_calls.clear()
+    out = layer.step(torch.zeros(layer.T, dtype=torch.bool), tau=0.2)
+    assert layer.kv_calls == [1] and layer.o_calls == [1]
+    dense = layer.dense()
+    torch.testing.assert_close(out[15], dense[15], **TOL)
+    others = torch.arange(layer.T, device=DEVICE) != 15
+    torch.testing.assert_close(out[others], before[others], **TOL)
+    # Token 15's request (rows 9..22) reused O rows that its new K/V made stale.
+    assert not torch.allclose(out[9:15], dense[9:15], **TOL)
 
 
 @OPS

@@ -188,3 +188,69 @@ def test_llada_candidates_limit_ranks_within_the_block_then_by_position():
     # First step of block 1: its positions were not ranked by the last step, so
     # the lowest positions come first.
     assert den.candidates(2).nonzero().squeeze(-1).tolist() == [4, 5]
+
+
+def _varied_logits(gen, seed=0):
+    """Random logits of varied sharpness per position (never the mask id), under
+    which the confidence measures rank positions differently."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.linspace(0.5, 4.0, gen)[torch.randperm(gen, generator=g)]
+    logits = torch.randn(gen, VOCAB, generator=g) * scale[:, None]
+    logits[:, MASK] = -1e4
+    return logits
+
+
+def _confidence(logits, alg):
+    """Written out from the definitions: the chosen token's probability, top-1
+    minus top-2 probability, or the negative entropy."""
+    p = torch.softmax(logits.double(), dim=-1)
+    top = p.sort(dim=-1, descending=True).values
+    if alg in ("maskgit_plus", "low_confidence"):
+        return top[:, 0]
+    if alg == "topk_margin":
+        return top[:, 0] - top[:, 1]
+    return (p * torch.log(p + 1e-10)).sum(-1)
+
+
+@pytest.mark.parametrize("alg", ["maskgit_plus", "topk_margin", "entropy"])
+def test_dream_unmasks_the_most_confident_positions_step_by_step(alg):
+    gen, steps = 12, 5
+    logits = _varied_logits(gen)
+    conf = _confidence(logits, alg)
+    den = _dream(gen, steps, dllm_alg=alg)
+    timesteps = torch.linspace(1, 1e-3, steps + 1)
+    order = []
+    done, i = False, den.next_step
+    while not done:
+        masked = (den.canvas == MASK).nonzero().squeeze(-1)
+        i = den.next_step
+        n = (len(masked) if i == steps - 1
+             else int(torch.tensor(float(len(masked))) * (1 - timesteps[i + 1] / timesteps[i])))
+        want = masked[conf[masked].topk(n).indices].sort().values
+        before = den.canvas.clone()
+        done = den.step(logits)
+        got = ((before == MASK) & (den.canvas != MASK)).nonzero().squeeze(-1)
+        assert got.tolist() == want.tolist(), i
+        order.append(got.tolist())
+    assert torch.equal(den.canvas, logits.argmax(-1))
+    # The three measures really rank differently here.
+    first = {a: set(_confidence(logits, a).topk(3).indices.tolist())
+             for a in ("maskgit_plus", "topk_margin", "entropy")}
+    assert len({frozenset(v) for v in first.values()}) > 1
+
+
+def test_llada_unmasks_the_most_confident_positions_of_the_block_step_by_step():
+    gen, steps, block = 12, 6, 4  # 3 blocks, 2 steps each: 2 tokens per step
+    logits = _varied_logits(gen, seed=1)
+    conf = _confidence(logits, "low_confidence")
+    den = _llada(gen, steps, block)
+    for step in range(steps):
+        b = step // 2
+        in_block = torch.arange(b * block, (b + 1) * block)
+        masked = in_block[den.canvas[in_block] == MASK]
+        want = masked[conf[masked].topk(2).indices].sort().values
+        before = den.canvas.clone()
+        den.step(logits)
+        got = ((before == MASK) & (den.canvas != MASK)).nonzero().squeeze(-1)
+        assert got.tolist() == want.tolist(), step
+    assert torch.equal(den.canvas, logits.argmax(-1))

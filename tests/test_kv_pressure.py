@@ -144,18 +144,50 @@ def test_a_pair_split_by_preemption_is_preempted_whole(small_kv_engine, tiny_lla
 def test_dare_reuse_is_unchanged_by_waiting_aborts_and_recycled_blocks(small_kv_engine):
     """With reuse on, a request's tokens and reuse counts do not depend on when it
     ran or whose blocks it got: run under KV pressure, with one request aborted
-    part-way (its blocks go to a waiting one, holding its stale K/V/O/Q_ref), each
-    request gives what it gives when run alone."""
+    while it runs (it ends as aborted, without an output, and its blocks go to a
+    waiting one, holding its stale K/V/O/Q_ref), each other request gives what it
+    gives when run alone."""
+    from vllm.v1.request import RequestStatus
+
     llm = small_kv_engine()
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    pool = scheduler.kv_cache_manager.block_pool
     ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
     alone = [_run_engine(llm, [(i, _params())])[0] for i in ids]
-    outs = _run_engine(llm, [(i, _params()) for i in ids], abort_after=(0, 6))
-    assert outs[0] is None
+    rids = [f"recycle-{k}-{time.monotonic_ns()}" for k in range(len(ids))]
+    # (the scheduler knows a request by the engine's internal id)
+    internal = [engine.add_request(rid, {"prompt_token_ids": prompt}, _params())
+                for rid, prompt in zip(rids, ids)]
+    outs = {}
+    for _ in range(6):
+        outs.update((o.request_id, o) for o in engine.step() if o.finished)
+    victim = scheduler.requests[internal[0]]
+    assert victim in scheduler.running and scheduler.waiting  # running, others wait
+    held = set(scheduler.kv_cache_manager.get_block_ids(internal[0])[0])
+    assert held
+    engine.abort_request([rids[0]])
+    assert victim.status == RequestStatus.FINISHED_ABORTED
+    assert internal[0] not in scheduler.requests
+    # Its blocks are back in the pool or already serve a waiting request.
+    owned = {b for r in scheduler.running
+             for b in scheduler.kv_cache_manager.get_block_ids(r.request_id)[0]}
+    assert pool.get_num_free_blocks() == USABLE_BLOCKS - len(owned)
+    recycled = set()
+    for _ in range(MAX_ENGINE_STEPS):
+        outs.update((o.request_id, o) for o in engine.step() if o.finished)
+        recycled |= held & {b for r in scheduler.running
+                            for b in scheduler.kv_cache_manager.get_block_ids(r.request_id)[0]}
+        if len(outs) == len(ids) - 1:
+            break
+    assert rids[0] not in outs
+    assert recycled  # a waiting request got the aborted one's blocks
     for k in range(1, len(ids)):
-        got, want = outs[k], alone[k]
+        got, want = outs[rids[k]], alone[k]
         assert list(got.outputs[0].token_ids) == list(want.outputs[0].token_ids), k
         assert got.kv_transfer_params["dare"] == want.kv_transfer_params["dare"], k
         assert got.kv_transfer_params["dare"]["kv_reused"] > 0
+    assert pool.get_num_free_blocks() == USABLE_BLOCKS
 
 
 def test_guidance_needs_two_request_slots(engines, tiny_llada, caplog):

@@ -1,19 +1,18 @@
 """The OpenAI-compatible server, started as users start it (``vllm-dare serve``)
 with the DARE backend (``--attention-backend dare``): completions, chat,
 streaming, HTTP 400 for bad diffusion/DARE knobs with the server still serving
-afterwards, the DARE counters in ``/metrics`` with no extra set-up, OpenAI
-``temperature``/``seed`` through the project's middleware, and lm-eval's
-``local-completions`` model on the shipped task configs."""
+afterwards, the DARE counters in ``/metrics`` with no extra set-up, and OpenAI
+``temperature``/``seed`` through the project's middleware (lm-eval against a
+server: ``test_lm_eval.py``)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import openai
 import pytest
 import requests
+from vllm_dare.reference import llada_generate, load_reference_model
 from vllm_dare.tools.server_load import Server
 
 
@@ -43,17 +42,30 @@ def client(server):
 XARGS = {"vllm_xargs": {"dllm_steps": 8, "dllm_block_length": 8}}
 
 
-def test_completion(client):
-    out = client.completions.create(model="tiny-llada", prompt="12+34=", max_tokens=16, extra_body=XARGS)
-    assert out.choices[0].finish_reason in ("stop", "length")
-    assert out.usage.completion_tokens > 0
+def _reference(tiny_llada, prompt_ids, steps=8, cfg_scale=0.0):
+    """The reference canvas of 16 tokens (block 8), cut after its first EOS as the
+    server's output is."""
+    ref = load_reference_model(tiny_llada)
+    canvas = llada_generate(ref.logits, list(prompt_ids), ref.spec.mask_token_id, 16, steps, 8,
+                            cfg_scale=cfg_scale)
+    eos = json.loads((tiny_llada / "config.json").read_text())["eos_token_id"]
+    return canvas[: canvas.index(eos) + 1] if eos in canvas else canvas
+
+
+def test_completion(client, tiny_llada):
+    out = client.completions.create(model="tiny-llada", prompt="12+34=", max_tokens=16,
+                                    extra_body={"return_token_ids": True, **XARGS})
+    choice = out.choices[0]
+    want = _reference(tiny_llada, choice.prompt_token_ids)
+    assert list(choice.token_ids) == want
+    assert choice.finish_reason == ("length" if len(want) == 16 else "stop")
+    assert out.usage.completion_tokens == len(want)
+    assert choice.text  # detokenized
 
 
 def test_completion_tokens_equal_the_reference_generation(client, tiny_llada):
     """Exactness through HTTP: the server (DARE backend, mode off) returns the same
     tokens as the pure-PyTorch reference generation for the same prompt ids."""
-    from vllm_dare.reference import llada_generate, load_reference_model
-
     ref = load_reference_model(tiny_llada)
     prompts = [[25, 37, 42, 29, 33], [88, 52, 47, 47, 101, 64, 72, 30, 59]]
     out = client.completions.create(
@@ -66,24 +78,38 @@ def test_completion_tokens_equal_the_reference_generation(client, tiny_llada):
     assert [got[i] for i in range(len(prompts))] == want
 
 
-def test_chat_completion(client):
+def test_chat_completion(client, tiny_llada):
+    """The chat template is applied (the prompt ids are the template's) and the
+    answer is the reference generation's."""
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "user", "content": "hello"}]
     out = client.chat.completions.create(
-        model="tiny-llada",
-        messages=[{"role": "user", "content": "hello"}],
-        max_tokens=16,
-        extra_body=XARGS,
+        model="tiny-llada", messages=messages, max_tokens=16,
+        extra_body={"return_token_ids": True, **XARGS},
     )
-    assert out.choices[0].message.role == "assistant"
-    assert out.usage.completion_tokens > 0
+    choice = out.choices[0]
+    assert choice.message.role == "assistant"
+    tok = AutoTokenizer.from_pretrained(tiny_llada)
+    prompt_ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                         return_dict=False)
+    assert list(out.prompt_token_ids) == list(prompt_ids)
+    want = _reference(tiny_llada, prompt_ids)
+    assert list(choice.token_ids) == want
+    assert out.usage.completion_tokens == len(want)
 
 
-def test_guided_completion_hides_its_twin(client):
+def test_guided_completion_hides_its_twin(client, tiny_llada):
+    """Classifier-free guidance runs an unconditional twin inside the engine: the
+    client gets one choice per prompt, each the guided reference generation."""
     xargs = {"vllm_xargs": {"dllm_steps": 8, "dllm_block_length": 8, "dllm_cfg_scale": 1.0}}
     out = client.completions.create(
-        model="tiny-llada", prompt=["12+34=", "hello"], max_tokens=16, extra_body=xargs
+        model="tiny-llada", prompt=["12+34=", "hello"], max_tokens=16,
+        extra_body={"return_token_ids": True, **xargs},
     )
-    assert len(out.choices) == 2
-    assert all(c.finish_reason in ("stop", "length") for c in out.choices)
+    assert sorted(c.index for c in out.choices) == [0, 1]
+    for c in out.choices:
+        assert list(c.token_ids) == _reference(tiny_llada, c.prompt_token_ids, cfg_scale=1.0)
 
 
 def test_streaming_sends_committed_blocks_before_the_end(client):
@@ -142,23 +168,28 @@ def _metric_sum(text: str, name: str) -> float:
     return total
 
 
-def test_dare_counters_in_prometheus_metrics(server, client):
+def test_dare_counters_in_prometheus_metrics(server):
+    """The engine-wide DARE counters grow by exactly the request's own counts."""
     before = requests.get(server + "/metrics", timeout=30).text
-    xargs = {"vllm_xargs": {"dllm_steps": 8, "dllm_block_length": 8,
-                            "dare_mode": "kv+o", "dare_tau_kv": 0.5, "dare_tau_o": 0.5}}
-    out = client.completions.create(model="tiny-llada", prompt="reuse me", max_tokens=8,
-                                    extra_body=xargs)
-    assert out.usage.completion_tokens > 0
+    xargs = {"dllm_steps": 8, "dllm_block_length": 8,
+             "dare_mode": "kv+o", "dare_tau_kv": 0.5, "dare_tau_o": 0.5}
+    r = requests.post(server + "/v1/completions", timeout=120, json={
+        "model": "tiny-llada", "prompt": "reuse me", "max_tokens": 8, "ignore_eos": True,
+        "vllm_xargs": xargs})
+    assert r.status_code == 200, r.text
+    body = r.json()
     after = requests.get(server + "/metrics", timeout=30).text
-    rows = _metric_sum(after, "vllm_dare:attention_rows_total") - _metric_sum(
-        before, "vllm_dare:attention_rows_total")
-    kv = _metric_sum(after, "vllm_dare:kv_rows_reused_total") - _metric_sum(
-        before, "vllm_dare:kv_rows_reused_total")
-    o = _metric_sum(after, "vllm_dare:o_rows_reused_total") - _metric_sum(
-        before, "vllm_dare:o_rows_reused_total")
-    # 9 forwards (8 steps + the prompt-only one) x 2 layers x (prompt + 8 canvas rows)
-    assert rows >= 9 * 2 * 8
-    assert 0 < kv <= rows and 0 < o <= rows
+
+    def delta(name):
+        return _metric_sum(after, name) - _metric_sum(before, name)
+
+    dare = body["kv_transfer_params"]["dare"]
+    P = body["usage"]["prompt_tokens"]
+    # The prompt-only forward, then 8 whole-sequence forwards, in 2 layers.
+    assert dare["token_layers"] == (P + 8 * (P + 8)) * 2
+    assert delta("vllm_dare:attention_rows_total") == dare["token_layers"]
+    assert delta("vllm_dare:kv_rows_reused_total") == dare["kv_reused"] > 0
+    assert delta("vllm_dare:o_rows_reused_total") == dare["o_reused"] > 0
     assert 'layer="1"' in after and 'model_name="tiny-llada"' in after
     # vLLM's own metrics are still served next to ours.
     assert "vllm:num_requests_running" in after
@@ -226,25 +257,3 @@ def test_sampling_knob_given_twice_is_http_400(server):
     )
     assert r.status_code == 400
     assert "either 'seed' or vllm_xargs.dllm_seed" in r.json()["error"]["message"]
-
-
-def test_lm_eval_local_completions_runs_the_shipped_tasks(server, tiny_llada, tmp_path):
-    from vllm_dare.lm_eval_tasks import TASKS_DIR
-
-    cmd = [
-        sys.executable, "-m", "lm_eval", "--model", "local-completions",
-        "--model_args",
-        f"model=tiny-llada,base_url={server}/v1/completions,tokenized_requests=False,"
-        "tokenizer_backend=none,num_concurrent=2,max_retries=1",
-        "--include_path", TASKS_DIR, "--tasks", "dllm_tasks", "--limit", "3",
-        "--metadata", json.dumps({"model_path": str(tiny_llada)}),
-        "--output_path", str(tmp_path / "out"),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = [json.loads(p.read_text()) for p in (tmp_path / "out").rglob("results_*.json")]
-    assert results, proc.stdout[-2000:]
-    got = results[0]["results"]
-    for task in ("dllm_add", "dllm_sort", "dllm_words"):
-        assert 0.0 <= got[task]["exact_match,none"] <= 1.0
-        assert results[0]["n-samples"][task]["effective"] == 3
