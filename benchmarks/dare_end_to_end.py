@@ -28,6 +28,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB, per engine (two live)
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
+from vllm_dare.tools.cli_args import HelpFormatter, number_in, positive_int  # noqa: E402
+
 
 def main() -> None:
     from vllm import LLM, SamplingParams
@@ -35,18 +37,22 @@ def main() -> None:
 
     from vllm_dare.default_model import default_model_path
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=default_model_path())
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--gen-length", type=int, default=64)
-    parser.add_argument("--block-length", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--taus", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.2])
-    parser.add_argument("--mode", default="kv+o", choices=["kv", "o", "kv+o"])
-    parser.add_argument("--reps", type=int, default=3, help="timing rounds")
-    parser.add_argument("--out", default="benchmarks/results/dare_end_to_end_cpu.json")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--model", default=default_model_path(), help="checkpoint folder")
+    parser.add_argument("--batch", type=positive_int, default=8, help="requests per generate call")
+    parser.add_argument("--prompt-len", type=positive_int, default=64, help="prompt tokens per request")
+    parser.add_argument("--gen-length", type=positive_int, default=64, help="generated tokens (max_tokens)")
+    parser.add_argument("--block-length", type=positive_int, default=32, help="LLaDA block length")
+    parser.add_argument("--steps", type=positive_int, default=64, help="denoising steps")
+    parser.add_argument("--taus", type=number_in(0.0), nargs="+", default=[0.01, 0.05, 0.1, 0.2], help="DARE thresholds (tau_kv = tau_o)")
+    parser.add_argument("--mode", default="kv+o", choices=["kv", "o", "kv+o"], help="what DARE reuses")
+    parser.add_argument("--reps", type=positive_int, default=3, help="timing rounds")
+    parser.add_argument("--out", default="benchmarks/results/dare_end_to_end_cpu.json", help="JSON to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args()
+    if Path(args.out).exists() and not args.overwrite:
+        parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
 
     common = dict(model=args.model, dtype="float32", enforce_eager=True, seed=0,
                   max_model_len=args.prompt_len + args.gen_length + 8,

@@ -36,6 +36,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from vllm_dare.tools.cli_args import HelpFormatter, positive_int  # noqa: E402
 from vllm_dare.tools.op_counter import OpCounter, triton_launches_counted  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -86,12 +87,16 @@ def _row(label: str, c: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--reuse", type=float, nargs="+", default=[0.0, 0.87])
-    parser.add_argument("--out", default="benchmarks/results/dare_step_launches.json")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--batch", type=positive_int, default=2, help="requests")
+    parser.add_argument("--seq-len", type=positive_int, default=64, help="tokens per request")
+    parser.add_argument("--reuse", type=float, nargs="+", default=[0.0, 0.87], help="fractions of rows reused")
+    parser.add_argument("--out", default="benchmarks/results/dare_step_launches.json", help="JSON to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args()
+    if Path(args.out).exists() and not args.overwrite:
+        parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
     if os.environ["TRITON_INTERPRET"] != "1" or torch.cuda.is_available():
         raise SystemExit("runs on CPU under Triton's interpreter (counts, not times)")
     one, two = _count_forward(args, 1), _count_forward(args, 2)

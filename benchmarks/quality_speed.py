@@ -58,6 +58,7 @@ from vllm_dare.cache_policies.dare_reuse import (  # noqa: E402
     DareSettings,
     fixed_engine_settings_arg,
 )
+from vllm_dare.tools.cli_args import HelpFormatter, positive_int  # noqa: E402
 
 DEFAULT_MODES = [
     "exact", "exact:steps/2",
@@ -213,7 +214,8 @@ def summarize_mode(mode: Mode, run: dict, exact: dict | None, task_items: dict) 
 
     row = {"mode": mode.name, "tasks": {}}
     totals = {"correct": 0, "n": 0, "same": 0, "positions": 0, "forwards": 0,
-              "tokens": 0, "rows": 0, "token_layers": 0, "kv": 0, "o": 0, "seconds": 0.0}
+              "tokens": 0, "rows": 0, "token_layers": 0, "kv": 0, "o": 0, "forced": 0,
+              "kv_refused": 0, "o_refused": 0, "seconds": 0.0}
     for task, items in task_items.items():
         outs = run[task]["outputs"]
         t = {k: 0 for k in totals}
@@ -236,6 +238,9 @@ def summarize_mode(mode: Mode, run: dict, exact: dict | None, task_items: dict) 
                 t["token_layers"] += dare["token_layers"]
                 t["kv"] += dare["kv_reused"]
                 t["o"] += dare["o_reused"]
+                t["forced"] += dare["forced_rows"]
+                t["kv_refused"] += dare["kv_refused"]
+                t["o_refused"] += dare["o_refused"]
         for k in totals:
             totals[k] += t[k]
         row["tasks"][task] = _ratios(t, run[task]["extra"])
@@ -254,6 +259,12 @@ def _ratios(t: dict, extra: dict | None) -> dict:
         "o_reused_rows": t["o"],
         "kv_reuse": t["kv"] / t["token_layers"] if t["token_layers"] else None,
         "o_reuse": t["o"] / t["token_layers"] if t["token_layers"] else None,
+        # What decides DARE's rows: the forced-row rules (first forwards, refreshes,
+        # changed inputs, candidates) and, for the rest, the query-delta predictor;
+        # shares of the token-layer rows.
+        "forced_share": t["forced"] / t["token_layers"] if t["token_layers"] else None,
+        "kv_refused_share": t["kv_refused"] / t["token_layers"] if t["token_layers"] else None,
+        "o_refused_share": t["o_refused"] / t["token_layers"] if t["token_layers"] else None,
         "seconds": t["seconds"],
         "requests": t["n"],
     }
@@ -354,10 +365,7 @@ def evaluate(args, engine_for=None) -> dict:
                 raise SystemExit(f"mode {m.name!r} with --dare-engine-config: {e}") from None
     engine_mode = DareSettings.from_engine_config(args.dare_engine_config).mode
     family = family_of(args.model)
-    tasks = args.tasks or list(TASKS)
-    for task in tasks:
-        if task not in TASKS:
-            raise SystemExit(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    tasks = args.tasks
 
     longest = max(TASKS[t].gen_length for t in tasks)
     common = dict(
@@ -472,7 +480,7 @@ def print_table(report: dict) -> None:
              if s.get("dare_engine_config") else ""))
     head = (f"{'mode':<22}" + "".join(f"{'acc ' + t:>10}" for t in tasks)
             + f"{'agree':>7}{'NFE':>6}{'tok/fw':>7}{'rows':>7}{'kv re':>7}{'o re':>7}"
-            f"{'sec':>7}{'speedup':>8}")
+            f"{'forced':>7}{'kv rf':>7}{'o rf':>7}{'sec':>7}{'speedup':>8}")
     print(head)
 
     def f(x, fmt):
@@ -484,7 +492,9 @@ def print_table(report: dict) -> None:
               + f"{f(r['token_agreement'], '.3f'):>7}{r['nfe_per_request']:>6.1f}"
               + f"{f(r['tokens_per_forward'], '.2f'):>7}{r['rows_vs_exact']:>7.3f}"
               + f"{f(r['kv_reuse'], '.3f'):>7}"
-              + f"{f(r['o_reuse'], '.3f'):>7}{r['seconds']:>7.2f}"
+              + f"{f(r['o_reuse'], '.3f'):>7}{f(r['forced_share'], '.3f'):>7}"
+              + f"{f(r['kv_refused_share'], '.3f'):>7}{f(r['o_refused_share'], '.3f'):>7}"
+              + f"{r['seconds']:>7.2f}"
               + f"{r['speedup_vs_exact']:>7.2f}x")
 
 
@@ -510,8 +520,8 @@ def markdown_table(report: dict) -> str:
         "",
         "| mode | " + " | ".join(f"{t} acc %" for t in tasks)
         + " | agreement | NFE | tokens/forward | rows vs exact | K/V reuse | O reuse"
-        " | seconds | speed-up |",
-        "|---" * (len(tasks) + 9) + "|",
+        " | forced | K/V refused | O refused | seconds | speed-up |",
+        "|---" * (len(tasks) + 12) + "|",
     ]
     for r in report["rows"]:
         lines.append(
@@ -519,38 +529,67 @@ def markdown_table(report: dict) -> str:
             + f" | {num(r['token_agreement'], '.3f')} | {r['nfe_per_request']:.1f}"
             + f" | {num(r['tokens_per_forward'], '.2f')} | {r['rows_vs_exact']:.3f}"
             + f" | {pct(r['kv_reuse'])}"
-            + f" | {pct(r['o_reuse'])} | {r['seconds']:.1f} | {r['speedup_vs_exact']:.2f}x |"
+            + f" | {pct(r['o_reuse'])} | {pct(r['forced_share'])}"
+            + f" | {pct(r['kv_refused_share'])} | {pct(r['o_refused_share'])}"
+            + f" | {r['seconds']:.1f} | {r['speedup_vs_exact']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 
 
+def _mode_arg(text: str) -> str:
+    """``argparse`` type of ``--modes``: a mode ``parse_mode`` accepts."""
+    try:
+        parse_mode(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def main(argv=None, engine_for=None) -> dict:
     from vllm_dare.default_model import default_model_path
+    from vllm_dare.training.tasks import TASKS
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: the packaged model)")
-    parser.add_argument("--tasks", nargs="*", default=None, help="default: every task")
-    parser.add_argument("--per-task", type=int, default=200, help="held-out examples per task")
-    parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES)
-    parser.add_argument("--block-length", type=int, default=8,
+    head, _, modes_help = __doc__.partition("Modes (``--modes``):")
+    parser = argparse.ArgumentParser(
+        description=head.strip(), epilog="modes (--modes):" + modes_help.split("\n    ")[0],
+        formatter_class=HelpFormatter)
+    parser.add_argument("--model", default=None,
+                        help="checkpoint folder (default: the packaged default model)")
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS),
+                        help="tasks of the held-out set to run")
+    parser.add_argument("--per-task", type=positive_int, default=200,
+                        help="held-out examples per task")
+    parser.add_argument("--modes", nargs="+", type=_mode_arg, default=DEFAULT_MODES,
+                        help="modes to run, exact first (grammar below)")
+    parser.add_argument("--block-length", type=positive_int, default=8,
                         help="block length of LLaDA and of Dream's block-wise modes")
-    parser.add_argument("--dream-alg", default="maskgit_plus")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--max-model-len", type=int, default=128)
+    parser.add_argument("--dream-alg", default="maskgit_plus",
+                        choices=["origin", "maskgit_plus", "topk_margin", "entropy"],
+                        help="Dream's unmasking algorithm (modes that are not block-wise)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the engines' compute dtype")
+    parser.add_argument("--max-model-len", type=positive_int, default=128,
+                        help="the engines' max_model_len")
     parser.add_argument("--heat-map-mode", default=None,
                         help="DARE mode whose reuse heat map is drawn (default: the first kv+o one)")
     parser.add_argument("--out", default="benchmarks/results/quality_speed",
-                        help="output prefix: PREFIX.json and PREFIX_*.png")
+                        help="output prefix: PREFIX.json, PREFIX.md and PREFIX_*.png")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results at --out if they exist")
     parser.add_argument("--dare-engine-config", type=fixed_engine_settings_arg, default={},
                         help="engine-level DARE settings for the DARE modes, e.g. "
                              "'{\"refresh_at_block_start\": false}' (docs/dare.md, Knobs)")
-    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--no-plots", action="store_true",
+                        help="write the JSON and Markdown table only")
     args = parser.parse_args(argv)
     if args.model is None:
         args.model = default_model_path()
+    out = Path(args.out)
+    existing = out.with_name(out.name + ".json")
+    if existing.exists() and not args.overwrite:
+        parser.error(f"--out {existing} exists; pass --overwrite to replace it")
     report = evaluate(args, engine_for)
     print_table(report)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path = out.with_name(out.name + ".json")
     json_path.write_text(json.dumps(report, indent=1) + "\n")

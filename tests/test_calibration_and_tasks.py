@@ -185,6 +185,13 @@ def test_calibration_sweeps_and_writes_engine_config(engines, tiny_llada, tmp_pa
     assert rows[1e-6]["kv_reuse"] > 0  # layer-0 rows of unchanged tokens
     assert rows[1.0]["kv_reuse"] > 0.5
     assert all(r["o_reuse"] == 0 for r in rows.values())
+    # What decided the rows: the same forced share at every tau; the predictor
+    # refuses the rest that is not reused, fewer as tau grows.
+    for r in rows.values():
+        assert r["forced"] == rows[1.0]["forced"] > 0
+        assert r["forced"] + r["kv_reuse"] + r["kv_refused"] == pytest.approx(1.0)
+        assert r["o_refused"] == 0
+    assert rows[1e-6]["kv_refused"] > rows[0.05]["kv_refused"] >= rows[1.0]["kv_refused"]
     assert rows[1e-6]["token_agreement"] == 1.0
     assert report["chosen_tau"] is not None
     assert rows[report["chosen_tau"]]["token_agreement"] >= 0.99
@@ -250,11 +257,9 @@ def test_max_mode_must_serve_the_modes_measured(capsys):
                        "dare mode 'o' needs a DARE cache this engine does not keep"):
         _load_harness().main(["--dare-engine-config", '{"max_mode": "kv"}',
                               "--modes", "exact", "dare-kv:0.05", "dare-o:0.05"])
-    sys_argv = ["calibrate_dare", "--model", "m", "--mode", "kv+o",
-                "--dare-engine-config", '{"max_mode": "kv"}']
-    with pytest.raises(SystemExit), pytest.MonkeyPatch.context() as mp:
-        mp.setattr("sys.argv", sys_argv)
-        calibrate_dare.main()
+    with pytest.raises(SystemExit):
+        calibrate_dare.main(["--model", "m", "--mode", "kv+o",
+                             "--dare-engine-config", '{"max_mode": "kv"}'])
     assert "--mode kv+o with --dare-engine-config: dare mode 'kv+o' needs a DARE cache" in (
         capsys.readouterr().err)
 
@@ -275,10 +280,7 @@ def test_dare_engine_config_option_rejects_bad_settings(config, message, capsys)
         _load_harness().main(["--dare-engine-config", config, "--modes", "exact"])
     assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        sys_argv = ["calibrate_dare", "--model", "m", "--dare-engine-config", config]
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr("sys.argv", sys_argv)
-            calibrate_dare.main()
+        calibrate_dare.main(["--model", "m", "--dare-engine-config", config])
     assert message in capsys.readouterr().err
 
 
@@ -324,6 +326,16 @@ def test_quality_speed_harness_reports_every_mode(engines, tiny_llada, tmp_path)
     assert rows["dare-kv:1e-6"]["o_reuse"] == 0
     big = rows["dare-kv+o:0.5"]
     assert 0.5 < big["kv_reuse"] <= 1 and 0.5 < big["o_reuse"] <= 1
+    # With O reuse, a row that is not forced is reused: the predictor refuses none.
+    assert big["kv_refused_share"] == big["o_refused_share"] == 0
+    assert big["forced_share"] + big["kv_reuse"] == pytest.approx(1.0)
+    tiny = rows["dare-kv:1e-6"]
+    assert tiny["kv_refused_share"] > 0 and tiny["o_refused_share"] == 0
+    assert tiny["forced_share"] + tiny["kv_reuse"] + tiny["kv_refused_share"] == (
+        pytest.approx(1.0))
+    assert exact["forced_share"] is None
+    table = (tmp_path / "qs.md").read_text()
+    assert "| forced | K/V refused | O refused |" in table
     for row in rows.values():
         assert set(row["tasks"]) == {"add", "sort"}
         assert row["seconds"] > 0
@@ -336,3 +348,76 @@ def test_quality_speed_harness_reports_every_mode(engines, tiny_llada, tmp_path)
     assert saved["settings"]["tasks"]["add"]["requests"] == 3
     assert (tmp_path / "qs_accuracy_vs_speedup.png").stat().st_size > 0
     assert (tmp_path / "qs_reuse_heatmap.png").stat().st_size > 0
+
+
+def test_calibration_cli_defaults_and_errors(tmp_path, capsys):
+    """The calibration tool defaults to the packaged model, shows its defaults,
+    can turn one step per token off, names the flag of a bad argument and keeps an
+    existing config unless told to replace it."""
+    from vllm_dare.default_model import default_model_path
+    from vllm_dare.tools import calibrate_dare
+
+    with pytest.raises(SystemExit) as e:
+        calibrate_dare.main(["--help"])
+    assert e.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert f"(default: {default_model_path()})" in help_text
+    assert "--no-steps-per-token" in help_text and "(default: 30)" in help_text
+    for argv, message in [
+        (["--taus", "0.1", "-1"], "argument --taus: must be a number >= 0.0, got '-1'"),
+        (["--per-task", "0"], "argument --per-task: must be an integer >= 1"),
+        (["--min-agreement", "2"], "argument --min-agreement: must be a number in [0.0, 1.0]"),
+        (["--mode", "kvo"], "argument --mode: invalid choice: 'kvo'"),
+    ]:
+        with pytest.raises(SystemExit):
+            calibrate_dare.main(argv)
+        assert message in capsys.readouterr().err
+    existing = tmp_path / "dare.json"
+    existing.write_text("{}")
+    with pytest.raises(SystemExit):
+        calibrate_dare.main(["--out", str(existing)])
+    assert f"--out {existing} exists; pass --overwrite" in capsys.readouterr().err
+    assert existing.read_text() == "{}"
+
+
+def test_calibration_cli_runs_with_defaults(monkeypatch, tmp_path):
+    """Without --model it calibrates the packaged model; --no-steps-per-token
+    reaches the sweep."""
+    from vllm_dare.default_model import default_model_path
+    from vllm_dare.tools import calibrate_dare
+
+    seen = {}
+
+    def fake_calibrate(args):
+        seen.update(vars(args))
+        return {"model": "m", "mode": args.mode, "prompts": 0, "device": "cpu", "rows": [],
+                "chosen_tau": None}
+
+    monkeypatch.setattr(calibrate_dare, "calibrate", fake_calibrate)
+    calibrate_dare.main(["--no-steps-per-token", "--out", str(tmp_path / "c.json")])
+    assert seen["model"] == default_model_path()
+    assert seen["steps_per_token"] is False
+    assert seen["taus"][0] <= 0.001 and seen["taus"][-1] >= 0.5
+
+
+def test_harness_cli_errors(tmp_path, capsys):
+    """The harness names the flag of a bad argument, lists the modes in its help and
+    keeps existing results unless told to replace them (before any engine starts)."""
+    harness = _load_harness()
+    with pytest.raises(SystemExit):
+        harness.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "dare-kv:TAU" in help_text and "(default: 200)" in help_text
+    for argv, message in [
+        (["--modes", "exact", "dare-x:1"], "argument --modes: unknown DARE mode 'x'"),
+        (["--tasks", "poems"], "argument --tasks: invalid choice: 'poems'"),
+        (["--per-task", "-3"], "argument --per-task: must be an integer >= 1"),
+    ]:
+        with pytest.raises(SystemExit):
+            harness.main(argv)
+        assert message in capsys.readouterr().err
+    (tmp_path / "qs.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        harness.main(["--modes", "exact", "--out", str(tmp_path / "qs")])
+    assert "exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert (tmp_path / "qs.json").read_text() == "{}"

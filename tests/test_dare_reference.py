@@ -16,7 +16,7 @@ from vllm_dare.reference.dare_generation import dream_generate_dare, llada_gener
 
 from engine_steps import PROMPTS
 
-COUNTS = ("token_layers", "kv_reused", "o_reused")
+COUNTS = ("token_layers", "kv_reused", "o_reused", "forced_rows", "kv_refused", "o_refused")
 ENGINE = {"mode": "kv+o", "tau_kv": 0.05, "tau_o": 0.05}
 
 # One batch: per request, its DARE overrides. Together they cover every mode, both

@@ -57,12 +57,16 @@ class DareStepInputs:
     # writes are skipped: in mode off the backend writes K/V only, like exact mode.
     keeps_reference: bool = True
     keeps_o: bool = True
+    # bool [T]: the token's request reuses anything (its forced rows are counted
+    # as forced by rule); None: no request does.
+    reusing: torch.Tensor | None = None
 
     def select(self, tokens: torch.Tensor) -> DareStepInputs:
         """The inputs of the tokens a step plan feeds (``tokens``: their indices)."""
         return DareStepInputs(self.force[tokens], self.tau_kv[tokens], self.tau_o[tokens],
                               self.kv_is_reference[tokens], self.any_reuse,
-                              self.keeps_reference, self.keeps_o)
+                              self.keeps_reference, self.keeps_o,
+                              None if self.reusing is None else self.reusing[tokens])
 
 
 class DareRuntime:
@@ -179,18 +183,26 @@ class DareRuntime:
 
     @property
     def request_counts(self) -> torch.Tensor:
-        """[num_reqs, 3] per request of the batch, summed over the layers run this
-        step: token-layer rows, K/V rows reused, O rows reused."""
-        reused = torch.zeros(self.num_reqs, 2, dtype=torch.int64, device=self.device)
+        """[num_reqs, 6] per request of the batch, summed over the layers run this
+        step: token-layer rows, K/V rows reused, O rows reused, rows forced by rule
+        (of requests that reuse), rows the K/V and the O predictor decided on (not
+        forced, that reuse on): those it did not reuse, it refused."""
+        counts = torch.zeros(self.num_reqs, 6, dtype=torch.int64, device=self.device)
         if self._token_req is None or not self.num_reqs:
-            tokens = torch.zeros(self.num_reqs, 1, dtype=torch.int64, device=self.device)
-        else:
-            token_req = self._token_req.long()
-            tokens = torch.bincount(token_req, minlength=self.num_reqs)
-            tokens = (tokens[: self.num_reqs] * self._layers_run).view(-1, 1)
-            if self._token_reused is not None:
-                reused.index_add_(0, token_req, self._token_reused.long())
-        return torch.cat([tokens, reused], dim=1)
+            return counts
+        token_req = self._token_req.long()
+        per_token = torch.zeros(token_req.shape[0], 6, dtype=torch.int64, device=self.device)
+        per_token[:, 0] = self._layers_run
+        if self._token_reused is not None:
+            per_token[:, 1:3] = self._token_reused.long()
+        step = self.step
+        if step is not None and step.reusing is not None:
+            free = ~step.force
+            per_token[:, 3] = (step.force & step.reusing).long() * self._layers_run
+            per_token[:, 4] = (free & (step.tau_kv > 0)).long() * self._layers_run
+            per_token[:, 5] = (free & (step.tau_o > 0)).long() * self._layers_run
+        counts.index_add_(0, token_req, per_token)
+        return counts
 
 
 def attend_all_rows(query, key, value, kv_cache, meta: DareMetadata, layout, scale):

@@ -116,11 +116,18 @@ def layer_totals() -> np.ndarray | None:
 
 
 def summarize(counts: np.ndarray) -> dict:
-    tokens, kv, o = (int(x) for x in counts)
+    """A request's figures from its counts (``DareRuntime.request_counts``, summed):
+    token-layer rows, K/V and O rows reused, rows forced by rule, rows the K/V and
+    the O predictor decided on. What the predictor decided on and did not reuse,
+    it refused (its query delta was above the threshold)."""
+    tokens, kv, o, forced, kv_decided, o_decided = (int(x) for x in counts)
     return {
         "token_layers": tokens,
         "kv_reused": kv,
         "o_reused": o,
         "kv_reuse_fraction": kv / tokens if tokens else 0.0,
         "o_reuse_fraction": o / tokens if tokens else 0.0,
+        "forced_rows": forced,
+        "kv_refused": kv_decided - kv,
+        "o_refused": o_decided - o,
     }

@@ -213,7 +213,7 @@ class DareRequests:
     def add(self, slot: int, settings: DareSettings | None) -> None:
         if settings is not None:
             self.settings[slot] = settings
-            self.counts[slot] = np.zeros(3, dtype=np.int64)
+            self.counts[slot] = np.zeros(6, dtype=np.int64)
 
     def remove(self, slot: int) -> None:
         self.settings.pop(slot, None)
@@ -233,6 +233,7 @@ class DareRequests:
         num_logits = np.diff(input_batch.cu_num_logits_np[: num_reqs + 1])
         input_ids = input_batch.input_ids[:T]
         force = torch.ones(T, dtype=torch.bool, device=self.device)
+        reusing = torch.zeros(T, dtype=torch.bool, device=self.device)
         tau_kv = torch.zeros(T, dtype=torch.float32, device=self.device)
         tau_o = torch.zeros(T, dtype=torch.float32, device=self.device)
         kv_ref = torch.ones(T, dtype=torch.bool, device=self.device)
@@ -253,6 +254,7 @@ class DareRequests:
                 continue
             keeps_reference = True  # from its first forward on: later steps read it
             keeps_o = keeps_o or settings.reuses_o
+            reusing[a:b] = True
             if num_logits[i] == 0 or prev is None or prev.shape != ids.shape:
                 continue  # prompt pass or first forward over the full sequence
             if settings.refresh_interval and forwards % settings.refresh_interval == 0:
@@ -272,7 +274,8 @@ class DareRequests:
             tau_o[a:b] = settings.tau_o if settings.reuses_o else 0.0
             any_reuse = True
         return DareStepInputs(force, tau_kv, tau_o, kv_ref, any_reuse,
-                              keeps_reference=keeps_reference, keeps_o=keeps_o)
+                              keeps_reference=keeps_reference, keeps_o=keeps_o,
+                              reusing=reusing)
 
     def record_step(self, runtime, slots, req_ids, model_name: str, log=None) -> None:
         """Add the forward's reuse counts (``runtime``: the model's ``DareRuntime``
@@ -287,7 +290,7 @@ class DareRequests:
                 continue
             counts += step_counts[i]
             if log is not None:
-                tokens, kv, o = (int(x) for x in step_counts[i])
+                tokens, kv, o = (int(x) for x in step_counts[i][:3])
                 log("DARE %s: %d token-layer rows, K/V reused %d, O reused %d "
                     "(settings %s)", req_ids[i], tokens, kv, o, self.settings.get(int(slot)))
 

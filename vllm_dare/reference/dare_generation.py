@@ -66,7 +66,10 @@ class DareRequestState:
         self.O = [torch.zeros(length, s.hidden_size, dtype=dtype) for _ in range(s.num_layers)]
         self.forwards = 0
         self.previous_ids: torch.Tensor | None = None
-        self.counts = {"token_layers": 0, "kv_reused": 0, "o_reused": 0}
+        # Token-layer rows; rows reused; rows forced by rule (requests that reuse);
+        # rows the predictor refused (not forced, reuse on, delta above tau).
+        self.counts = {"token_layers": 0, "kv_reused": 0, "o_reused": 0, "forced_rows": 0,
+                       "kv_refused": 0, "o_refused": 0}
 
     def forced_rows(self, ids: torch.Tensor, block_start: bool,
                     candidate_rows: torch.Tensor) -> torch.Tensor:
@@ -118,6 +121,12 @@ class DareRequestState:
             self.counts["token_layers"] += T
             self.counts["kv_reused"] += int(reuse_kv.sum())
             self.counts["o_reused"] += int(reuse_o.sum())
+            if s.reuses_kv or s.reuses_o:
+                self.counts["forced_rows"] += int(forced.sum())
+            if s.reuses_kv:
+                self.counts["kv_refused"] += int((~forced & ~reuse_kv).sum())
+            if s.reuses_o:
+                self.counts["o_refused"] += int((~forced & ~reuse_o).sum())
         self.forwards += 1
         self.previous_ids = ids.clone()
         return rms_norm(x, model.final_norm, spec.rms_norm_eps)
@@ -151,8 +160,7 @@ def llada_generate_dare(
     generator: torch.Generator | None = None,
 ) -> tuple[list[int], dict]:
     """LLaDA's semi-autoregressive generation (``generation.llada_generate``, no
-    guidance) with DARE. Returns the canvas and the counts ``{"token_layers",
-    "kv_reused", "o_reused"}``."""
+    guidance) with DARE. Returns the canvas and the counts (``DareRequestState.counts``)."""
     assert gen_length % block_length == 0
     num_blocks = gen_length // block_length
     assert steps % num_blocks == 0
@@ -199,8 +207,7 @@ def dream_generate_dare(
 ) -> tuple[list[int], dict]:
     """Dream's ``diffusion_generate`` (``generation.dream_generate``, ``alg_temp``
     unset) with DARE; position p's logits come from the hidden row of p - 1.
-    Returns the canvas and the counts ``{"token_layers", "kv_reused",
-    "o_reused"}``."""
+    Returns the canvas and the counts (``DareRequestState.counts``)."""
     P = len(prompt)
     x = torch.tensor(prompt + [mask_id] * max_new_tokens, dtype=torch.long)
     state = DareRequestState(model, settings, P + max_new_tokens)

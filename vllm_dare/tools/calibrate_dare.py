@@ -9,6 +9,12 @@ written as an engine config:
 
     python -m vllm_dare.tools.calibrate_dare --model PATH --out dare.json
     vllm serve PATH --attention-backend dare --additional-config "$(cat dare.json)"
+
+Each row also says what decided the rows: the share forced by rule (first
+forwards, refreshes, changed inputs, candidates) and the shares of K/V and O rows
+the query-delta predictor refused (delta above tau); the rest were reused. With O
+reuse on, a token that is not forced reuses every layer (its queries never move),
+so only mode ``kv`` shows the predictor at work.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import time
 from pathlib import Path
 
 from vllm_dare.cache_policies.dare_reuse import DareSettings, fixed_engine_settings_arg
+from vllm_dare.tools.cli_args import HelpFormatter, number_in, positive_int
 
 
 def _task_prompts(tokenizer, n: int):
@@ -74,7 +81,7 @@ def calibrate(args, llm=None) -> dict:
     rows = []
     for tau in args.taus:
         outs, seconds = run(tau)
-        same = total = kv = o = tl = correct = checkable = 0
+        same = total = kv = o = tl = correct = checkable = forced = kv_ref = o_ref = 0
         for (ids, gen, ex), ref, out in zip(items, exact, outs):
             a, b = ref.outputs[0].token_ids, out.outputs[0].token_ids
             n = max(len(a), len(b))
@@ -84,6 +91,9 @@ def calibrate(args, llm=None) -> dict:
             kv += stats["kv_reused"]
             o += stats["o_reused"]
             tl += stats["token_layers"]
+            forced += stats["forced_rows"]
+            kv_ref += stats["kv_refused"]
+            o_ref += stats["o_refused"]
             if ex is not None:
                 checkable += 1
                 correct += is_correct(ex, out.outputs[0].text)
@@ -93,7 +103,8 @@ def calibrate(args, llm=None) -> dict:
                 is_correct(ex, r.outputs[0].text) for (_, _, ex), r in zip(items, exact)
             ) / checkable
         rows.append({
-            "tau": tau, "kv_reuse": kv / tl, "o_reuse": o / tl,
+            "tau": tau, "kv_reuse": kv / tl, "o_reuse": o / tl, "forced": forced / tl,
+            "kv_refused": kv_ref / tl, "o_refused": o_ref / tl,
             "token_agreement": same / total if total else 1.0,
             "accuracy": correct / checkable if checkable else None,
             "exact_accuracy": exact_acc, "seconds": seconds, "exact_seconds": t_exact,
@@ -122,38 +133,64 @@ def write_config(report: dict, path: str) -> dict | None:
     return config
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--prompts", help="text file, one prompt a line (default: the task set)")
-    parser.add_argument("--per-task", type=int, default=30, help="held-out examples per task")
-    parser.add_argument("--max-tokens", type=int, default=32, help="generation length for --prompts")
-    parser.add_argument("--steps-per-token", action="store_true", default=True)
-    parser.add_argument("--mode", default="kv+o", choices=["kv", "o", "kv+o"])
-    parser.add_argument("--taus", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
-    parser.add_argument("--min-agreement", type=float, default=0.99)
-    parser.add_argument("--max-accuracy-drop", type=float, default=0.01)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--max-model-len", type=int, default=512)
+    from vllm_dare.default_model import default_model_path
+
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter)
+    parser.add_argument("--model", default=default_model_path(), help="checkpoint folder")
+    parser.add_argument("--prompts", default=None,
+                        help="text file, one prompt a line (unset: the task set's "
+                             "held-out questions)")
+    parser.add_argument("--per-task", type=positive_int, default=30,
+                        help="held-out questions per task")
+    parser.add_argument("--max-tokens", type=positive_int, default=32,
+                        help="generation length for --prompts")
+    parser.add_argument("--steps-per-token", action=argparse.BooleanOptionalAction,
+                        default=True, help="one denoising step per generated token")
+    parser.add_argument("--mode", default="kv+o", choices=["kv", "o", "kv+o"],
+                        help="what DARE reuses")
+    parser.add_argument("--taus", type=number_in(0.0), nargs="+",
+                        default=[0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5],
+                        help="thresholds to try (tau_kv = tau_o)")
+    parser.add_argument("--min-agreement", type=number_in(0.0, 1.0), default=0.99,
+                        help="least token agreement with exact outputs")
+    parser.add_argument("--max-accuracy-drop", type=number_in(0.0, 1.0), default=0.01,
+                        help="most task accuracy lost against exact")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the engine's compute dtype")
+    parser.add_argument("--max-model-len", type=positive_int, default=512,
+                        help="the engine's max_model_len")
     parser.add_argument("--out", default="dare.json", help="engine config to write")
-    parser.add_argument("--report", default=None, help="JSON report of the sweep")
+    parser.add_argument("--report", default=None,
+                        help="JSON report of the sweep to write (unset: none)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out and --report if they exist")
     parser.add_argument("--dare-engine-config", type=fixed_engine_settings_arg, default={},
                         help="other engine-level DARE settings to calibrate under and "
                              "write, e.g. '{\"refresh_at_block_start\": false}'")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:  # the mode calibrated must be one the engine's cache (max_mode) serves
         DareSettings.from_engine_config({**args.dare_engine_config, "mode": args.mode})
     except ValueError as e:
         parser.error(f"--mode {args.mode} with --dare-engine-config: {e}")
+    for flag, path in (("--out", args.out), ("--report", args.report)):
+        if path and Path(path).exists() and not args.overwrite:
+            parser.error(f"{flag} {path} exists; pass --overwrite to replace it")
     report = calibrate(args)
-    print(f"{'tau':>6} {'kv reuse':>9} {'o reuse':>8} {'agree':>7} {'acc':>6} {'exact acc':>9}")
+    print(f"model {report['model']}, mode {args.mode}, {report['prompts']} prompts, "
+          f"{report['device']}")
+    print(f"{'tau':>6} {'kv reuse':>9} {'o reuse':>8} {'forced':>7} {'kv ref':>7} "
+          f"{'o ref':>6} {'agree':>7} {'acc':>6} {'exact acc':>9}")
     for r in report["rows"]:
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
         ex = "-" if r["exact_accuracy"] is None else f"{r['exact_accuracy']:.3f}"
         print(f"{r['tau']:>6.3f} {r['kv_reuse']:>9.3f} {r['o_reuse']:>8.3f} "
+              f"{r['forced']:>7.3f} {r['kv_refused']:>7.3f} {r['o_refused']:>6.3f} "
               f"{r['token_agreement']:>7.3f} {acc:>6} {ex:>9}")
     config = write_config(report, args.out)
     if config is None:
