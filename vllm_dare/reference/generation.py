@@ -1,8 +1,8 @@
 """Reference generation: the official LLaDA and Dream sampling loops.
 
-Written from the description in ``shared/spec/dllm-models.md`` section 4, one
-sequence at a time, recomputing the whole sequence (prompt + canvas) with a full
-forward at every step. ``model`` is any callable mapping token ids ``[T]`` to the
+Written from the published algorithms (LLaDA's ``generate``, Dream's
+``diffusion_generate``), one sequence at a time, recomputing the whole sequence
+(prompt + canvas) with a full forward at every step. ``model`` is any callable mapping token ids ``[T]`` to the
 logits the algorithm reads ``[T, vocab]`` (for Dream: already shifted).
 """
 

@@ -2,7 +2,8 @@
 
 Both are pre-norm decoders with bidirectional attention over the whole sequence.
 The module keeps the checkpoint's own tensor names so a checkpoint folder loads
-without renaming; the math follows ``shared/spec/dllm-models.md`` section 3.
+without renaming; the math follows the official modelling code (LLaDA's
+``modeling_llada.py``, Dream's ``modeling_dream.py``).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 A denoiser holds one request's canvas (its generated region, ``max_tokens``
 positions, initially all [MASK]) and, given the logits of the canvas positions
 its next step may unmask (``logit_positions``), performs exactly one step of the
-reference algorithm
-(``shared/spec/dllm-models.md`` section 4). Steps that provably change nothing
+reference algorithm (LLaDA's ``generate``, Dream's ``diffusion_generate``;
+``vllm_dare/reference/generation.py`` is the plain version). Steps that provably
+change nothing
 (a LLaDA step that transfers 0 tokens, a Dream step whose transfer count
 truncates to 0) are skipped without a forward pass; the output is unchanged.
 """
