@@ -139,7 +139,9 @@ class Layer:
         else:
             force = force.to(DEVICE)
             t = torch.full((self.T,), tau, device=DEVICE)
-            self.runtime.begin_step(DareStepInputs(force, t, t, torch.ones_like(force), True), 2)
+            # (both requests reuse: their forced rows count as forced by rule)
+            self.runtime.begin_step(DareStepInputs(force, t, t, torch.ones_like(force), True,
+                                                   reusing=torch.ones_like(force)), 2)
 
         q = self.x @ self.w_q.T
         return dare_attention_step(self.meta, self.cache, BLOCK, 0, self.runtime, self.layout,
@@ -379,6 +381,8 @@ def test_reuse_counts_add_up_over_the_runs_of_a_step(ops):
                         D**-0.5, q, proj)
     T = layer.T
     assert layer.runtime.layer_counts[0].tolist() == [2 * T, 2 * (T - 4), 2 * (T - 4)]
-    # two forced tokens in each request (0, 5 | 11, 20)
-    assert layer.runtime.request_counts.tolist() == [[2 * n, 2 * (n - 2), 2 * (n - 2)]
-                                                     for n in SEQ_LENS]
+    # two forced tokens in each request (0, 5 | 11, 20); per request: token-layer
+    # rows, K/V and O reused, forced, and the rows the K/V and O predictor decided
+    # on (all of them reused here)
+    assert layer.runtime.request_counts.tolist() == [
+        [2 * n, 2 * (n - 2), 2 * (n - 2), 2 * 2, 2 * (n - 2), 2 * (n - 2)] for n in SEQ_LENS]

@@ -196,9 +196,10 @@ class DareRuntime:
         if self._token_reused is not None:
             per_token[:, 1:3] = self._token_reused.long()
         step = self.step
-        if step is not None and step.reusing is not None:
+        if step is not None and step.force.shape[0] == token_req.shape[0]:
             free = ~step.force
-            per_token[:, 3] = (step.force & step.reusing).long() * self._layers_run
+            if step.reusing is not None:
+                per_token[:, 3] = (step.force & step.reusing).long() * self._layers_run
             per_token[:, 4] = (free & (step.tau_kv > 0)).long() * self._layers_run
             per_token[:, 5] = (free & (step.tau_o > 0)).long() * self._layers_run
         counts.index_add_(0, token_req, per_token)
